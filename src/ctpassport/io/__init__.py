@@ -1,0 +1,1 @@
+"""Image input/output: NIfTI (gzip through ISA-L), DICOM, orientation helpers, atomic writes."""

@@ -1,0 +1,197 @@
+"""NIfTI reading and writing with validation, fast gzip (ISA-L) and atomic writes.
+
+Axis order: arrays are returned in the file's storage order ``[i, j, k]`` (nibabel's order); the affine
+maps voxel indices to RAS+ world millimetres.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from ..errors import InputError
+from ..types import Affine
+from .atomic import atomic_path
+
+#: Accepted voxel sizes (mm). Anything outside is a broken header, not a CT.
+MIN_SPACING_MM = 0.01
+MAX_SPACING_MM = 100.0
+
+
+@dataclass
+class Image3D:
+    """A validated 3-D image: ``data[i, j, k]`` in storage order, ``affine`` voxel -> RAS+ mm."""
+
+    data: np.ndarray
+    affine: Affine
+    header: nib.Nifti1Header
+    path: Path | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the array axes (column norms of the affine)."""
+        return tuple(float(v) for v in spacing_from_affine(self.affine))  # type: ignore[return-value]
+
+
+def spacing_from_affine(affine: Affine) -> np.ndarray:
+    """Voxel size (mm) per array axis: the norms of the affine's first three columns (float64)."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def _read_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            from isal import igzip
+
+            return igzip.decompress(raw)
+        except ImportError:  # pragma: no cover - isal is a core dependency
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error, ValueError) as exc:
+            raise InputError(f"corrupt gzip data ({exc})", path) from None
+    if path.name.endswith(".gz"):
+        raise InputError("named .gz but is not gzip-compressed", path)
+    return raw
+
+
+def load_nifti(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """Read a NIfTI-1/2 file (``.nii`` or ``.nii.gz``) fully into memory.
+
+    Raises :class:`InputError` with a one-line reason for a missing, unreadable or non-NIfTI file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError("no such file", p)
+    if p.is_dir():
+        raise InputError("is a folder, expected a NIfTI file (.nii or .nii.gz)", p)
+    raw = _read_bytes(p)
+    for klass in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            img = klass.from_bytes(raw)
+            # Force the data to be read now so that truncated files fail here, with the path.
+            img.dataobj  # noqa: B018
+            return img
+        except (ImageFileError, ValueError, EOFError, OSError):
+            continue
+    raise InputError("not a NIfTI image", p)
+
+
+def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path | None) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in data_shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise InputError(
+            f"is {len(shape)}-D with shape {shape}, expected a 3-D volume", path,
+            "select one 3-D volume first" if len(shape) > 3 else None,
+        )
+    if min(shape) < 1:
+        raise InputError(f"has an empty axis (shape {shape})", path)
+    return shape  # type: ignore[return-value]
+
+
+def validate_affine(affine: np.ndarray, path: Path | None = None) -> Affine:
+    """Check that an affine is finite and invertible with plausible voxel sizes; return it as float64."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise InputError("has a non-finite or malformed affine", path)
+    sp = spacing_from_affine(a)
+    if np.any(sp < MIN_SPACING_MM) or np.any(sp > MAX_SPACING_MM):
+        raise InputError(
+            f"has an implausible voxel spacing {tuple(round(float(s), 6) for s in sp)} mm",
+            path, f"expected {MIN_SPACING_MM} to {MAX_SPACING_MM} mm per axis; fix the header",
+        )
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise InputError("has a singular affine (axes are not independent)", path)
+    return a
+
+
+def read_image(path: str | Path, *, dtype: type | None = None, kind: str = "image") -> Image3D:
+    """Load and validate a 3-D NIfTI image.
+
+    * ``data``: storage order ``[i, j, k]``. Integer data without scaling keeps its dtype (saves memory);
+      scaled or float data becomes float32 unless ``dtype`` is given.
+    * ``affine``: voxel -> RAS+ mm (nibabel's best affine: sform, else qform).
+
+    Raises :class:`InputError` for 2-D/4-D images, NaN/inf voxels, implausible spacing, bad headers.
+    """
+    p = Path(path)
+    img = load_nifti(p)
+    shape = _squeeze_to_3d(img.shape, p)
+    affine = validate_affine(img.affine, p)
+    try:
+        proxy = img.dataobj
+        slope = getattr(proxy, "slope", 1.0)
+        inter = getattr(proxy, "inter", 0.0)
+        raw_dtype = img.get_data_dtype()
+        if dtype is None and np.issubdtype(raw_dtype, np.integer) and slope == 1.0 and inter == 0.0:
+            data = np.asanyarray(proxy)
+        else:
+            data = np.asarray(img.get_fdata(dtype=np.float32) if dtype is None else np.asanyarray(proxy))
+        if dtype is not None:
+            data = data.astype(dtype, copy=False)
+    except (ValueError, EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"cannot read voxel data ({exc})", p) from None
+    data = data.reshape(shape)
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        n = int(np.count_nonzero(~np.isfinite(data)))
+        raise InputError(f"has {n} NaN or infinite voxels", p, f"fix the {kind} or replace them first")
+    header = img.header.copy() if isinstance(img, nib.Nifti1Image) else nib.Nifti1Header()
+    return Image3D(data=data, affine=affine, header=header, path=p)
+
+
+def make_nifti(data: np.ndarray, affine: Affine, header: nib.Nifti1Header | None = None,
+               dtype: type | np.dtype | None = None) -> nib.Nifti1Image:
+    """Build a NIfTI-1 image with ``affine`` (voxel -> RAS+ mm) and optionally a copy of ``header``.
+
+    With a header (e.g. the input's), its geometry codes, units and description are kept, the data type
+    is set to ``dtype`` (default: the array's) and any intensity scaling is removed.
+    """
+    hdr = header.copy() if header is not None else None
+    if hdr is not None:
+        hdr.set_data_dtype(dtype or data.dtype)
+        hdr.set_slope_inter(None, None)
+        hdr.extensions.clear()
+    img = nib.Nifti1Image(data, affine, hdr)
+    if dtype is not None:
+        img.set_data_dtype(dtype)
+    if header is not None:
+        sform_code = int(header["sform_code"])
+        qform_code = int(header["qform_code"])
+        img.set_sform(affine, code=sform_code if sform_code > 0 else 1)
+        img.set_qform(affine, code=qform_code if qform_code > 0 else 1)
+    return img
+
+
+def nifti_bytes(img: nib.Nifti1Image, compress: bool) -> bytes:
+    """Serialise an image; gzip with ISA-L (level 1, like nibabel's default) when ``compress``."""
+    raw = img.to_bytes()
+    if not compress:
+        return raw
+    try:
+        from isal import igzip
+
+        return igzip.compress(raw, compresslevel=1)
+    except ImportError:  # pragma: no cover
+        return gzip.compress(raw, compresslevel=1)
+
+
+def save_nifti(img: nib.Nifti1Image, path: str | Path) -> Path:
+    """Write ``img`` atomically; ``.nii.gz`` is gzip-compressed (ISA-L), ``.nii`` is not."""
+    p = Path(path)
+    if not (p.name.endswith(".nii") or p.name.endswith(".nii.gz")):
+        raise InputError("output name must end with .nii or .nii.gz", p)
+    blob = nifti_bytes(img, compress=p.name.endswith(".gz"))
+    with atomic_path(p) as tmp:
+        tmp.write_bytes(blob)
+    return p

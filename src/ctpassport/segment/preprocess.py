@@ -1,0 +1,111 @@
+"""Preprocessing exactly as TotalSegmentator 2.18 ``--fast`` followed by nnU-Net v2's DefaultPreprocessor.
+
+1. closest-canonical RAS+ reorientation (``nib.as_closest_canonical``),
+2. resampling to the model spacing with ``scipy.ndimage.zoom(order=1, mode="nearest")`` and truncation to
+   int32 (TotalSegmentator's ``change_spacing``; skipped when the spacing already matches exactly),
+3. transposition into nnU-Net's axis order, cropping to the bounding box of nonzero voxels,
+4. CT normalisation: clip to [p0.5, p99.5] of the training foreground, subtract the mean, divide by the std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from ..io.nifti import Image3D, spacing_from_affine
+from ..io.orientation import Reorientation, reorientation
+from ..model.folder import ModelFolder
+from ..types import Affine
+
+
+@dataclass
+class Resampled:
+    """The canonical image on the model's grid (nibabel axis order, RAS+ affine)."""
+
+    data: np.ndarray  # int32 HU when resampled, the canonical data (float32/int) when not
+    affine: Affine  # voxel -> RAS+ mm of the resampled grid
+    canonical_shape: tuple[int, int, int]  # shape before resampling (canonical orientation)
+    canonical_affine: Affine
+    zoom: np.ndarray  # per-axis zoom factor (new/old voxel count ratio); ones when not resampled
+    resampled: bool
+    reorient: Reorientation
+
+
+@dataclass
+class NetworkInput:
+    """What the network sees: normalised float32 ``(1, d0, d1, d2)`` in nnU-Net axis order, plus the crop."""
+
+    data: np.ndarray
+    bbox: tuple[tuple[int, int], ...]  # crop to nonzero, nnU-Net order, [start, stop)
+    shape_before_cropping: tuple[int, int, int]
+
+
+def header_zooms(affine: Affine) -> np.ndarray:
+    """Voxel sizes as a freshly made NIfTI header stores them (float32 column norms of the affine)."""
+    return spacing_from_affine(affine).astype(np.float32)
+
+
+def zoom_output_shape(shape: tuple[int, ...], zoom: np.ndarray) -> tuple[int, ...]:
+    """The output shape ``scipy.ndimage.zoom`` produces for ``zoom``."""
+    return tuple(int(round(s * z)) for s, z in zip(shape, zoom))
+
+
+def to_model_grid(image: Image3D, target_spacing: tuple[float, float, float]) -> Resampled:
+    """Canonicalise and resample ``image`` to ``target_spacing`` (mm, nibabel axis order) like TotalSegmentator.
+
+    The zoom factors are ``header_zooms / target`` and the new affine's columns are the old ones divided by
+    them, exactly as ``totalsegmentator.resampling.change_spacing``; resampled values are truncated to int32.
+    """
+    ro = reorientation(image.affine, image.shape)
+    data_c = ro.to_canonical(image.data)
+    aff_c = ro.canonical_affine
+    img_spacing = header_zooms(aff_c)
+    new_spacing = np.asarray(target_spacing, dtype=np.float64)
+    if np.array_equal(img_spacing, new_spacing):
+        return Resampled(data=np.ascontiguousarray(data_c), affine=aff_c, canonical_shape=data_c.shape,
+                         canonical_affine=aff_c, zoom=np.ones(3), resampled=False, reorient=ro)
+    zoom = img_spacing / new_spacing
+    new_affine = aff_c.copy()
+    new_affine[:3, :3] = aff_c[:3, :3] / zoom[None, :]
+    out = ndimage.zoom(np.ascontiguousarray(data_c), zoom, output=np.float64, order=1, mode="nearest")
+    return Resampled(data=out.astype(np.int32), affine=new_affine, canonical_shape=data_c.shape,
+                     canonical_affine=aff_c, zoom=zoom, resampled=True, reorient=ro)
+
+
+def nonzero_bbox(data: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Bounding box ``[start, stop)`` per axis of ``data != 0`` (nnU-Net's crop_to_nonzero; the hole filling
+    it applies cannot change a bounding box). An all-zero volume keeps its full extent."""
+    mask = data != 0
+    box = []
+    for ax in range(data.ndim):
+        any_ax = np.any(mask, axis=tuple(a for a in range(data.ndim) if a != ax))
+        idx = np.flatnonzero(any_ax)
+        box.append((int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, data.shape[ax]))
+    return tuple(box)
+
+
+def normalize(data: np.ndarray, model: ModelFolder) -> np.ndarray:
+    """nnU-Net's normalisation of a float32 array, in place where possible (float32 arithmetic)."""
+    img = data.astype(np.float32, copy=False)
+    props = model.intensity_properties
+    if model.normalization == "CTNormalization":
+        np.clip(img, props["percentile_00_5"], props["percentile_99_5"], out=img)
+        img -= props["mean"]
+        img /= max(props["std"], 1e-8)
+    elif model.normalization == "ZScoreNormalization":
+        mean, std = float(img.mean()), float(img.std())
+        img -= mean
+        img /= max(std, 1e-8)
+    return img
+
+
+def network_input(resampled: Resampled, model: ModelFolder) -> NetworkInput:
+    """Transpose to nnU-Net order, crop to nonzero, normalise. Returns ``(1, d0, d1, d2)`` float32."""
+    arr = np.transpose(resampled.data, model.nnunet_axes)
+    shape = tuple(int(s) for s in arr.shape)
+    bbox = nonzero_bbox(arr)
+    cropped = arr[tuple(slice(a, b) for a, b in bbox)]
+    data = normalize(np.array(cropped, dtype=np.float32, order="C"), model)
+    return NetworkInput(data=data[None], bbox=bbox, shape_before_cropping=shape)  # type: ignore[arg-type]
