@@ -127,12 +127,17 @@ def segment_cmd(
     from .io.atomic import check_writable
     from .segment.pipeline import Segmenter
 
+    from .segment.pipeline import Timings, classes_for, load_input
+
     cfg = Config.from_env()
     check_writable(output, force)
     if passport is not None:
         check_writable(passport, force)
     if timings is not None:
         check_writable(timings, force)
+    classes_for(roi_subset)  # fail early on unknown names
+    tm = Timings()
+    image = load_input(input, tm)  # validate the input before the (slow) model load
     chosen = backend or ("cuda" if device.startswith(("gpu", "cuda")) else None)
     _say(quiet, "Loading model...")
     seg = Segmenter(model, backend=chosen, threads=nr_thr or None, config=cfg)
@@ -152,7 +157,7 @@ def segment_cmd(
 
         res = seg.segment_file(input, output, ml=ml, roi_subset=roi_subset, statistics=statistics,
                                timings_path=timings, force=True, passport=passport_fn,
-                               progress=lambda n: tick(n))
+                               progress=tick, image=image, timings=tm)
         progress.update(task, total=res.n_tiles, completed=res.n_tiles)
     _say(quiet, f"Wrote {output} in {res.timings.total:.2f} s")
 

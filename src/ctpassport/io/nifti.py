@@ -7,6 +7,7 @@ maps voxel indices to RAS+ world millimetres.
 from __future__ import annotations
 
 import gzip
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 from ..errors import InputError
 from ..types import Affine
@@ -57,8 +59,8 @@ def _read_bytes(path: Path) -> bytes:
             return igzip.decompress(raw)
         except ImportError:  # pragma: no cover - isal is a core dependency
             return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error, ValueError) as exc:
-            raise InputError(f"corrupt gzip data ({exc})", path) from None
+        except Exception as exc:  # noqa: BLE001 - isal/zlib/EOF errors all mean a corrupt stream
+            raise InputError(f"corrupt gzip data ({str(exc).splitlines()[0][:100]})", path) from None
     if path.name.endswith(".gz"):
         raise InputError("named .gz but is not gzip-compressed", path)
     return raw
@@ -75,15 +77,30 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     if p.is_dir():
         raise InputError("is a folder, expected a NIfTI file (.nii or .nii.gz)", p)
     raw = _read_bytes(p)
-    for klass in (nib.Nifti1Image, nib.Nifti2Image):
-        try:
+    klass = _nifti_class(raw)
+    if klass is None:
+        raise InputError("not a NIfTI image (no NIfTI-1/2 header magic)", p)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            # nibabel warns about odd headers; the checks below turn real problems into errors.
+            warnings.simplefilter("ignore")
             img = klass.from_bytes(raw)
-            # Force the data to be read now so that truncated files fail here, with the path.
-            img.dataobj  # noqa: B018
-            return img
-        except (ImageFileError, ValueError, EOFError, OSError):
-            continue
-    raise InputError("not a NIfTI image", p)
+            _ = img.affine
+    except (ImageFileError, HeaderDataError, ValueError, EOFError, OSError) as exc:
+        raise InputError(f"not a readable NIfTI image ({str(exc).splitlines()[0][:120]})", p) from None
+    return img
+
+
+def _nifti_class(raw: bytes) -> type[nib.Nifti1Image] | type[nib.Nifti2Image] | None:
+    """NIfTI-1 or NIfTI-2 from ``sizeof_hdr`` and the magic string; None for anything else."""
+    for order in ("<", ">"):
+        if len(raw) >= 348 and int(np.frombuffer(raw[:4], dtype=f"{order}i4")[0]) == 348 \
+                and raw[344:347] in (b"n+1", b"ni1"):
+            return nib.Nifti1Image
+        if len(raw) >= 540 and int(np.frombuffer(raw[:4], dtype=f"{order}i4")[0]) == 540 \
+                and raw[4:7] in (b"n+2", b"ni2"):
+            return nib.Nifti2Image
+    return None
 
 
 def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path | None) -> tuple[int, int, int]:

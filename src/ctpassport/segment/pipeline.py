@@ -144,22 +144,21 @@ class Segmenter:
                      roi_subset: list[str] | None = None, statistics: bool | str | Path = False,
                      timings_path: str | Path | None = None, force: bool = False,
                      passport: Callable[[SegmentationResult, Timings], None] | None = None,
-                     progress: Callable[[int], None] | None = None) -> SegmentationResult:
+                     progress: Callable[[int], None] | None = None,
+                     image: Image3D | None = None, timings: Timings | None = None) -> SegmentationResult:
         """Segment ``input_path`` and write TotalSegmentator-style outputs.
 
         ``ml``: one uint8 multilabel NIfTI with the label table extension at ``output``; otherwise ``output``
         is a folder with one ``<class>.nii.gz`` mask per class. ``statistics`` writes ``statistics.json``
-        beside the output (or to the given path). Nothing is written when any stage fails.
+        beside the output (or to the given path). Nothing is written when any stage fails. ``image`` (with
+        ``timings`` holding its load time) skips loading when the caller already read the input.
         """
         out = Path(output)
         check_writable(out, force)
-        try:
-            classes = resolve_roi_subset(roi_subset)
-        except ValueError as exc:
-            raise InputError(str(exc), hint="see `ctpassport classes` for the names") from None
-        tm = Timings()
-        with tm.stage("load"):
-            image = read_image(input_path, kind="CT")
+        classes = classes_for(roi_subset)
+        tm = timings or Timings()
+        if image is None:
+            image = load_input(input_path, tm)
         result = self.segment(image, timings=tm, progress=progress)
         if roi_subset:
             keep = np.zeros(256, dtype=bool)
@@ -181,6 +180,21 @@ class Segmenter:
                         model_id=self.model.model_id, n_tiles=result.n_tiles, input=str(input_path))
             write_text_atomic(Path(timings_path), json.dumps(info, indent=2))
         return result
+
+
+def classes_for(roi_subset: list[str] | None) -> dict[int, str]:
+    """``{id: name}`` of the classes to output (all 117, or the ``--roi_subset`` names)."""
+    try:
+        return resolve_roi_subset(roi_subset)
+    except ValueError as exc:
+        raise InputError(str(exc), hint="`ctpassport classes` lists the names") from None
+
+
+def load_input(path: str | Path, timings: Timings | None = None) -> Image3D:
+    """The ``load`` stage: read and validate the CT (NIfTI; DICOM where supported)."""
+    tm = timings or Timings()
+    with tm.stage("load"):
+        return read_image(path, kind="CT")
 
 
 def write_segmentation(labels: np.ndarray, affine: Affine, header: Any, out: Path, classes: dict[int, str],

@@ -1,0 +1,52 @@
+"""ONNX export: checker, numerical agreement with PyTorch (random patch and real CT), caching by hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctpassport.model.export import EXPORT_ATOL, cached_onnx_path, find_or_export_onnx, onnx_metadata
+from ctpassport.model.folder import load_model_folder, locate_model
+
+pytestmark = pytest.mark.torch
+
+
+def test_export_is_cached_and_checked(standin_home: Path, onnx_cache: Path) -> None:
+    import onnx
+
+    model = load_model_folder(locate_model(standin_home))
+    path = find_or_export_onnx(model, onnx_cache)
+    assert path == cached_onnx_path(model, onnx_cache)
+    onnx.checker.check_model(str(path))
+    meta = onnx_metadata(path)
+    assert meta["checkpoint_sha256"] == model.checkpoint_sha256
+    report = path.with_suffix(".json").read_text()
+    assert '"max_abs_diff"' in report
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1] == 1 and all(isinstance(d, str) for d in dims[2:])  # dynamic spatial axes
+    mtime = path.stat().st_mtime_ns
+    assert find_or_export_onnx(model, onnx_cache) == path
+    assert path.stat().st_mtime_ns == mtime  # exported once per checkpoint, not per call
+
+
+@pytest.mark.slow
+def test_onnx_matches_pytorch_on_real_ct(segmenter, example_ct: Path) -> None:  # type: ignore[no-untyped-def]
+    """Logits of ONNX Runtime and PyTorch on a normalised real-CT patch agree within EXPORT_ATOL."""
+    import torch
+
+    from ctpassport.io.nifti import read_image
+    from ctpassport.model.network import load_network
+
+    _, net_in = segmenter.preprocess(read_image(example_ct))
+    # a 64 x 96 x 96 block of the normalised CT (multiples of the total stride 16), nnU-Net order
+    x = np.ascontiguousarray(net_in.data[None, :, 24:88, :96, 16:112])
+    got = segmenter.backend(x)
+    with torch.inference_mode():
+        ref = load_network(segmenter.model)(torch.from_numpy(x)).numpy()
+    diff = float(np.abs(got - ref).max())
+    assert diff <= EXPORT_ATOL, diff
+    # and the decision is the same almost everywhere (ties between near-equal logits may flip)
+    assert (got.argmax(1) == ref.argmax(1)).mean() > 0.999

@@ -1,0 +1,132 @@
+"""Model folders: both plans formats, locating TotalSegmentator's weights, clear errors for broken folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ctpassport.errors import ModelError
+from ctpassport.model.checkpoint import network_weight_shapes, read_checkpoint_structure
+from ctpassport.model.folder import (
+    FAST_DATASET,
+    FAST_TRAINER_FOLDER,
+    load_model_folder,
+    locate_model,
+    parse_architecture,
+)
+from ctpassport.model.standin import make_plans
+
+pytestmark = pytest.mark.torch
+
+
+def _trainer(home: Path) -> Path:
+    return home / "nnunet" / "results" / FAST_DATASET / FAST_TRAINER_FOLDER
+
+
+@pytest.fixture
+def folder_copy(standin_home: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "home"
+    shutil.copytree(standin_home, dst)
+    return _trainer(dst)
+
+
+def test_standin_matches_the_spec(standin_home: Path) -> None:
+    m = load_model_folder(_trainer(standin_home))
+    a = m.architecture
+    assert a.short_name == "PlainConvUNet"
+    assert a.features_per_stage == (32, 64, 128, 256, 320)
+    assert a.strides == ((1, 1, 1),) + ((2, 2, 2),) * 4
+    assert a.kernel_sizes == ((3, 3, 3),) * 5
+    assert a.n_conv_per_stage == (2,) * 5 and a.n_conv_per_stage_decoder == (2,) * 4
+    assert m.patch_size == (112, 112, 128) and m.spacing == (3.0, 3.0, 3.0)
+    assert m.num_channels_out == 118 and m.labels[1] == "spleen" and m.labels[117] == "costal_cartilages"
+    assert m.nnunet_axes == (2, 1, 0)  # SimpleITK reader: nnU-Net sees (z, y, x)
+    assert m.intensity_properties["percentile_00_5"] == -1004.0
+
+
+def test_flat_and_architecture_plans_agree() -> None:
+    flat = parse_architecture(make_plans(plans_format="flat")["configurations"]["3d_fullres"], Path("p"))
+    new = parse_architecture(make_plans(plans_format="architecture")["configurations"]["3d_fullres"], Path("p"))
+    for field in ("network_class_name", "n_stages", "features_per_stage", "kernel_sizes", "strides",
+                  "n_conv_per_stage", "n_conv_per_stage_decoder", "conv_bias", "norm_eps"):
+        assert getattr(flat, field) == getattr(new, field), field
+
+
+@pytest.mark.vanilla
+def test_flat_plans_convert_like_nnunet() -> None:
+    pytest.importorskip("nnunetv2")
+    import warnings
+
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    conf = make_plans(plans_format="flat")["configurations"]["3d_fullres"]
+    ours = parse_architecture(conf, Path("p"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nnU-Net warns that it converts the old format
+        cm = ConfigurationManager(json.loads(json.dumps(conf)))
+    kw = cm.network_arch_init_kwargs
+    assert cm.network_arch_class_name == ours.network_class_name
+    assert tuple(kw["features_per_stage"]) == ours.features_per_stage
+    assert tuple(map(tuple, kw["strides"])) == ours.strides
+    assert tuple(kw["n_conv_per_stage"]) == ours.n_conv_per_stage
+
+
+def test_checkpoint_structure_without_torch_matches_torch(standin_home: Path) -> None:
+    import torch
+
+    ckpt = _trainer(standin_home) / "fold_0" / "checkpoint_final.pth"
+    shapes = network_weight_shapes(read_checkpoint_structure(ckpt))
+    ref = torch.load(ckpt, map_location="cpu", weights_only=True)["network_weights"]
+    assert shapes == {k: tuple(v.shape) for k, v in ref.items()}
+
+
+def test_locate_by_env_and_path(standin_home: Path, tmp_path: Path) -> None:
+    trainer = _trainer(standin_home)
+    assert locate_model(environ={"TOTALSEG_HOME_DIR": str(standin_home)}) == trainer
+    assert locate_model(environ={"TOTALSEG_WEIGHTS_PATH": str(standin_home / "nnunet" / "results")}) == trainer
+    assert locate_model(standin_home) == trainer
+    assert locate_model(trainer) == trainer
+    assert locate_model(trainer / "fold_0" / "checkpoint_final.pth") == trainer
+    with pytest.raises(ModelError, match="no TotalSegmentator fast-model weights found"):
+        locate_model(environ={"TOTALSEG_HOME_DIR": str(tmp_path / "empty")})
+    with pytest.raises(ModelError, match="does not exist"):
+        locate_model(tmp_path / "nowhere")
+
+
+def test_missing_checkpoint(folder_copy: Path) -> None:
+    (folder_copy / "fold_0" / "checkpoint_final.pth").unlink()
+    with pytest.raises(ModelError, match="no checkpoint") as info:
+        load_model_folder(folder_copy)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_checkpoint(folder_copy: Path) -> None:
+    ck = folder_copy / "fold_0" / "checkpoint_final.pth"
+    ck.write_bytes(ck.read_bytes()[: 1_000_000])
+    with pytest.raises(ModelError, match="truncated"):
+        load_model_folder(folder_copy)
+
+
+def test_wrong_number_of_classes(folder_copy: Path) -> None:
+    ds = json.loads((folder_copy / "dataset.json").read_text())
+    ds["labels"] = {k: v for k, v in ds["labels"].items() if v < 100}
+    (folder_copy / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(ModelError, match="predicts 118 classes but dataset.json lists 100"):
+        load_model_folder(folder_copy)
+
+
+def test_unknown_network_class(folder_copy: Path) -> None:
+    plans = json.loads((folder_copy / "plans.json").read_text())
+    plans["configurations"]["3d_fullres"]["UNet_class_name"] = "MyFancyUNet"
+    (folder_copy / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelError, match="unknown network class 'MyFancyUNet'"):
+        load_model_folder(folder_copy)
+
+
+def test_broken_json(folder_copy: Path) -> None:
+    (folder_copy / "plans.json").write_text("{ not json")
+    with pytest.raises(ModelError, match="plans.json is not valid JSON"):
+        load_model_folder(folder_copy)

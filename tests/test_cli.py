@@ -1,0 +1,141 @@
+"""The command line, in-process: TotalSegmentator-like segment, --force, -q, --version, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctpassport import __version__
+from ctpassport.cli import app
+from ctpassport.model.folder import FAST_DATASET, FAST_TRAINER_FOLDER
+
+runner = CliRunner()
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    aff = np.diag([3.0, 3.0, 3.0, 1.0]) if affine is None else affine
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        img = nib.Nifti1Image(data, None)
+        img.header.set_sform(aff, code=1)
+        img.header["pixdim"][1:4] = np.sqrt((aff[:3, :3] ** 2).sum(0))
+        nib.save(img, str(path))
+    return path
+
+
+def test_version() -> None:
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"ctpassport {__version__}"
+
+
+def test_help_lists_commands() -> None:
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("segment", "model", "classes"):
+        assert cmd in res.stdout
+
+
+def test_classes() -> None:
+    res = runner.invoke(app, ["classes"])
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 117 and lines[0] == "1\tspleen"
+
+
+BAD_INPUTS = {
+    "missing": (None, "no such file"),
+    "text": (lambda p: p.write_text("not an image"), "not gzip-compressed"),
+    "corrupt_gzip": (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00" + b"\x00" * 50), "corrupt gzip"),
+    "two_d": (lambda p: _save(p, np.zeros((16, 16), np.int16)), "2-D"),
+    "four_d": (lambda p: _save(p, np.zeros((8, 8, 8, 2), np.int16)), "4-D"),
+    "nan": (lambda p: _save(p, np.full((8, 8, 8), np.nan, np.float32)), "NaN"),
+    "zero_spacing": (lambda p: _save(p, np.zeros((8, 8, 8), np.int16), np.diag([0.0, 3, 3, 1])), "spacing"),
+    "huge_spacing": (lambda p: _save(p, np.zeros((8, 8, 8), np.int16), np.diag([1e6, 3, 3, 1])), "spacing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_error_and_no_output(case: str, tmp_path: Path) -> None:
+    maker, message = BAD_INPUTS[case]
+    inp = tmp_path / f"{case}.nii.gz"
+    if maker is not None:
+        maker(inp)
+    out = tmp_path / "out" / "seg.nii.gz"
+    res = runner.invoke(app, ["segment", "-i", str(inp), "-o", str(out), "--ml", "-q"])
+    assert res.exit_code != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("ctpassport: error: ") and message in lines[0] and inp.name in lines[0]
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    assert not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+def test_unknown_roi_name(tmp_path: Path, ct_dir: Path) -> None:
+    res = runner.invoke(app, ["segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o", str(tmp_path / "s.nii.gz"),
+                              "--ml", "--roi_subset", "liver", "--roi_subset", "unicorn"])
+    assert res.exit_code != 0 and "unicorn" in res.stderr
+
+
+@pytest.mark.torch
+def test_model_without_checkpoint(tmp_path: Path, standin_home: Path, ct_dir: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(standin_home, home)
+    (home / "nnunet/results" / FAST_DATASET / FAST_TRAINER_FOLDER / "fold_0/checkpoint_final.pth").unlink()
+    out = tmp_path / "seg.nii.gz"
+    res = runner.invoke(app, ["segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o", str(out), "--ml",
+                              "--model", str(home), "-q"])
+    assert res.exit_code == 3
+    assert len(res.stderr.strip().splitlines()) == 1 and "no checkpoint" in res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.torch
+def test_segment_outputs_force_and_quiet(tmp_path: Path, standin_home: Path, onnx_cache: Path, ct_dir: Path) -> None:
+    ct = ct_dir / "example_ct_sm.nii.gz"
+    out = tmp_path / "seg.nii.gz"
+    timings = tmp_path / "t.json"
+    args = ["segment", "-i", str(ct), "-o", str(out), "--ml", "--model", str(standin_home), "--statistics",
+            "--timings", str(timings), "--nr_thr", "2"]
+    res = runner.invoke(app, [*args, "-q"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == ""  # quiet
+    img = nib.load(str(out))
+    assert img.shape == nib.load(str(ct)).shape and img.get_data_dtype() == np.uint8
+    stats = json.loads((tmp_path / "statistics.json").read_text())
+    assert len(stats) == 117 and set(stats["liver"]) == {"volume", "intensity"}
+    t = json.loads(timings.read_text())
+    assert {"load", "preprocess", "infer", "postprocess", "write"} <= set(t["seconds"]) and t["peak_rss_mb"] > 0
+    # refuses to overwrite
+    res = runner.invoke(app, [*args, "-q"])
+    assert res.exit_code == 4 and "--force" in res.stderr
+    res = runner.invoke(app, [*args, "--force"])
+    assert res.exit_code == 0 and "Wrote" in res.stderr  # progress/messages when not quiet
+    # roi subset keeps only the named classes, table lists only them
+    sub = tmp_path / "sub.nii.gz"
+    res = runner.invoke(app, ["segment", "-i", str(ct), "-o", str(sub), "--ml", "--model", str(standin_home),
+                              "-rs", "liver", "-rs", "spleen", "-q"])
+    assert res.exit_code == 0, res.output
+    vals = set(np.unique(np.asanyarray(nib.load(str(sub)).dataobj)).tolist())
+    assert vals <= {0, 1, 5}
+
+
+@pytest.mark.torch
+def test_model_standin_and_export_commands(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    res = runner.invoke(app, ["model", "standin", "-o", str(home), "--seed", "3", "--plans-format", "architecture", "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["model", "standin", "-o", str(home), "-q"])
+    assert res.exit_code == 4
+    info = runner.invoke(app, ["model", "info", str(home)])
+    assert json.loads(info.stdout)["features_per_stage"] == [32, 64, 128, 256, 320]
+    onnx_path = tmp_path / "m.onnx"
+    res = runner.invoke(app, ["model", "export", str(home), "-o", str(onnx_path)])
+    assert res.exit_code == 0, res.output
+    assert onnx_path.stat().st_size > 60_000_000 and "tolerance" in res.stderr
