@@ -6,10 +6,10 @@ bash scripts/setup.sh
 bash scripts/system-deps.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if [ -x .ci/postgres.sh ]; then
-  # starts a throwaway PostgreSQL on loopback and prints its URL
-  CTPASSPORT_TEST_POSTGRES_URL=$(bash .ci/postgres.sh) || { echo "PostgreSQL did not start" >&2; exit 1; }
-  export CTPASSPORT_TEST_POSTGRES_URL
+if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  # a throwaway PostgreSQL on loopback for the passport-store tests; exports CTPASSPORT_TEST_POSTGRES_URL
+  eval "$(bash .ci/postgres.sh)" || { echo "PostgreSQL did not start" >&2; exit 1; }
+  trap 'bash .ci/postgres.sh stop >/dev/null 2>&1 || true' EXIT
 fi
 export CTPASSPORT_SHARED=${CTPASSPORT_SHARED:-$(cd .. && pwd)/shared}
-exec python -m pytest -q "$@"
+python -m pytest -q "$@"

@@ -1,0 +1,130 @@
+"""Find the CTs of a batch: NIfTI files, DICOM folders and zips of DICOM folders under one folder."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..io.dicom import is_dicom_file
+from ..io.load import InputKind, is_nifti_name
+
+
+@dataclass(frozen=True)
+class Case:
+    """One CT of a batch. ``case_id`` names its output folder; ``path`` is absolute."""
+
+    case_id: str
+    path: str
+    kind: InputKind
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _strip_suffix(name: str) -> str:
+    low = name.lower()
+    for suffix in (".nii.gz", ".nii", ".zip"):
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def case_id_for(rel: Path) -> str:
+    """Output folder name for a path relative to the batch input: parts joined by ``__``, suffix dropped,
+    characters outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
+    parts = list(rel.parts[:-1]) + [_strip_suffix(rel.name)] if rel.parts else ["case"]
+    cid = "__".join(_SAFE.sub("_", p) for p in parts if p not in ("", "."))
+    cid = cid.lstrip(".") or "case"
+    return cid
+
+
+def _has_dicom_files(folder: Path, files: list[str]) -> bool:
+    for name in files:
+        if _hidden(name) or name.upper() == "DICOMDIR":
+            continue
+        if name.lower().endswith(".dcm") or is_dicom_file(folder / name):
+            return True
+    return False
+
+
+def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> list[Case]:
+    """Every CT under ``in_dir``, sorted by path.
+
+    * ``*.nii`` / ``*.nii.gz`` files and ``*.zip`` files are one case each;
+    * a folder that directly holds DICOM files (``DICM`` preamble or ``.dcm``) is one case (the loader
+      picks its largest CT series, looking into its subfolders too); folders without DICOM files are
+      searched further. ``in_dir`` itself may be such a DICOM folder.
+
+    Hidden entries (``.*``, ``__MACOSX``) and ``exclude`` (e.g. an output folder inside ``in_dir``) are
+    skipped. Case ids are unique (``-2``, ``-3``... appended on collisions).
+    """
+    root = Path(in_dir).resolve()
+    if not root.exists():
+        raise InputError("no such folder", root)
+    if not root.is_dir():
+        raise InputError("is not a folder", root, "batch takes a folder of NIfTI files and DICOM folders")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found: list[tuple[Path, InputKind]] = []
+    for dirpath, dirs, files in os.walk(root):
+        here = Path(dirpath)
+        if skip is not None and (here == skip or skip in here.parents):
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        if _has_dicom_files(here, files):
+            found.append((here, "dicom-folder"))
+            dirs[:] = []  # the DICOM loader reads this folder recursively
+            continue
+        for name in sorted(files):
+            if _hidden(name):
+                continue
+            if is_nifti_name(name):
+                found.append((here / name, "nifti"))
+            elif name.lower().endswith(".zip"):
+                found.append((here / name, "dicom-zip"))
+    found.sort(key=lambda t: str(t[0]))
+    cases: list[Case] = []
+    used: set[str] = set()
+    for path, kind in found:
+        rel = path.relative_to(root) if path != root else Path(root.name)
+        cid = base = case_id_for(rel)
+        n = 2
+        while cid.lower() in used:
+            cid = f"{base}-{n}"
+            n += 1
+        used.add(cid.lower())
+        cases.append(Case(case_id=cid, path=str(path), kind=kind))
+    return cases
+
+
+def input_signature(path: str | Path) -> dict[str, int]:
+    """Cheap change detector for a case input: file count, total bytes and newest mtime (ns)."""
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return {"files": 1, "bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    n = size = newest = 0
+    for dirpath, dirs, files in os.walk(p):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        for name in files:
+            if _hidden(name):
+                continue
+            try:
+                st = (Path(dirpath) / name).stat()
+            except OSError:
+                continue
+            n += 1
+            size += int(st.st_size)
+            newest = max(newest, int(st.st_mtime_ns))
+    return {"files": n, "bytes": size, "mtime_ns": newest}

@@ -1,0 +1,212 @@
+"""DICOM SEG output through highdicom, like TotalSegmentator's ``--output_type dicom_seg``.
+
+One segment per class present in the label map, named with TotalSegmentator's class name and coded with
+the SNOMED CT codes, laterality modifiers and display colours of TotalSegmentator's own mapping table
+(``totalseg_snomed.json``: the rows of its ``totalsegmentator_snomed_mapping.csv`` for the 117 classes of
+the ``total`` task). Class names the table does not know get SNOMED "Tissue" (as TotalSegmentator does)
+and a colour derived from the name. The SEG is a BINARY segmentation in the source series' frame of
+reference; highdicom matches its frames to the source images from their positions and records them in
+``ReferencedSeriesSequence`` / ``SourceImageSequence``.
+
+Label maps are given on the grid of the :class:`~ctpassport.io.dicom.DicomImage3D` they came from
+(``[column, row, slice]``, affine voxel -> RAS+ mm).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import CTPassportError, InputError
+from .atomic import atomic_path
+from .dicom import LPS_TO_RAS, DicomImage3D
+
+if TYPE_CHECKING:
+    from ..segment.pipeline import SegmentationResult, Segmenter, Timings
+
+SNOMED_TABLE = Path(__file__).with_name("totalseg_snomed.json")
+TISSUE = ("SCT", "85756007", "Tissue")
+#: Type 2 patient/study attributes a SEG copies from its source; anonymised series often lack them.
+_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
+          "ReferringPhysicianName", "StudyID", "StudyDate", "StudyTime")
+
+
+@functools.lru_cache(maxsize=1)
+def snomed_table() -> dict[str, dict[str, Any]]:
+    """``{class name: {category, type, type_modifier, region, region_modifier, rgb}}``; codes are
+    ``[scheme, value, meaning]`` or null."""
+    return json.loads(SNOMED_TABLE.read_text(encoding="utf-8"))["classes"]
+
+
+def snomed_table_from_csv(csv_path: str | Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Rebuild :func:`snomed_table` for ``names`` from TotalSegmentator's mapping CSV (to check or update it)."""
+    import csv
+
+    def code(row: dict[str, str], prefix: str) -> list[str] | None:
+        value = row[f"{prefix}.CodeValue"]
+        return [row[f"{prefix}.CodingSchemeDesignator"], value, row[f"{prefix}.CodeMeaning"]] if value else None
+
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = {r["Structure"]: r for r in csv.DictReader(fh)}
+    return {n: {"category": code(rows[n], "SegmentedPropertyCategoryCodeSequence"),
+                "type": code(rows[n], "SegmentedPropertyTypeCodeSequence"),
+                "type_modifier": code(rows[n], "SegmentedPropertyTypeModifierCodeSequence"),
+                "region": code(rows[n], "AnatomicRegionSequence"),
+                "region_modifier": code(rows[n], "AnatomicRegionModifierSequence"),
+                "rgb": [int(x) for x in rows[n]["DicomRGBColor"].split(",")]} for n in names if n in rows}
+
+
+def _concept(code: list[str] | tuple[str, str, str]) -> Any:
+    import highdicom as hd
+
+    scheme, value, meaning = code
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+def _name_rgb(name: str) -> tuple[int, int, int]:
+    """A stable, saturated colour for a class without a table entry."""
+    import colorsys
+
+    hue = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 0.9)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def segment_description(number: int, name: str, algorithm: Any) -> Any:
+    """highdicom ``SegmentDescription`` for class ``name`` (SNOMED codes and colour when known)."""
+    import highdicom as hd
+
+    entry = snomed_table().get(name)
+    if entry is not None and entry["category"] and entry["type"]:
+        category, prop_type = _concept(entry["category"]), _concept(entry["type"])
+        regions = [_concept(entry["region"])] if entry["region"] else None
+        rgb = tuple(entry["rgb"])
+    else:
+        category = prop_type = _concept(TISSUE)
+        regions, rgb = None, _name_rgb(name)
+    desc = hd.seg.SegmentDescription(
+        segment_number=number, segment_label=name[:64], segmented_property_category=category,
+        segmented_property_type=prop_type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm, anatomic_regions=regions,
+        display_color=hd.color.CIELabColor.from_rgb(*rgb),
+    )
+    if entry is not None and entry.get("type_modifier"):
+        # Laterality (left/right) qualifies the property type, e.g. Kidney + Left.
+        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _concept(entry["type_modifier"])]
+    return desc
+
+
+def write_dicom_seg(labels: np.ndarray, image: DicomImage3D, classes: dict[int, str], path: str | Path, *,
+                    model_id: str | None = None, series_number: int = 300,
+                    series_description: str = "ctpassport segmentation") -> Path:
+    """Write ``labels`` (class ids on ``image``'s grid, ``[column, row, slice]``) as a DICOM SEG at ``path``.
+
+    Only ids in ``classes`` that occur become segments (numbered 1..n in id order). Atomic write.
+    Raises :class:`InputError` when ``image`` did not come from DICOM and :class:`CTPassportError` when no
+    class is present (a SEG needs at least one segment).
+    """
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    if not isinstance(image, DicomImage3D) or not image.datasets:
+        raise InputError("DICOM SEG output needs DICOM input (a DICOM folder or zip)", image.path,
+                         "use --output-type nifti for NIfTI input")
+    lab = np.asarray(labels)
+    if lab.shape != image.shape:
+        raise InputError(f"label map shape {lab.shape} does not match the image {image.shape}")
+    present = [int(k) for k in np.unique(lab) if k != 0 and int(k) in classes]
+    if not present:
+        raise CTPassportError("no structure was found, so there is nothing to store in a DICOM SEG", path)
+    lut = np.zeros(max(int(lab.max()), max(present)) + 1, dtype=np.uint8)
+    for number, k in enumerate(present, start=1):
+        lut[k] = number
+    seg_numbers = lut[lab.astype(np.intp, copy=False)]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="ctpassport (TotalSegmentator fast model)", version=__version__,
+        family=codes.DCM.ArtificialIntelligence, source=model_id[:64] if model_id else None)
+    descriptions = [segment_description(n, classes[k], algorithm) for n, k in enumerate(present, start=1)]
+    # Our axes [column, row, slice] -> highdicom's [slice, row, column]; the affine to LPS+ to match.
+    affine_lps = (LPS_TO_RAS @ image.affine)[:, [2, 1, 0, 3]]
+    volume = hd.Volume(array=np.ascontiguousarray(seg_numbers.transpose(2, 1, 0)), affine=affine_lps,
+                       coordinate_system="PATIENT",
+                       frame_of_reference_uid=image.meta.frame_of_reference_uid if image.meta else None)
+    sources = []
+    for ds in image.datasets:
+        missing = [kw for kw in _TYPE2 if kw not in ds]
+        if missing:  # present but empty, as the standard allows for type 2 attributes
+            ds = copy.deepcopy(ds)
+            for kw in missing:
+                setattr(ds, kw, "")
+        sources.append(ds)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=volume,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="ctpassport", manufacturer_model_name="ctpassport",
+            software_versions=__version__, device_serial_number="0",
+            series_description=series_description[:64],
+        )
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot build a DICOM SEG for this series ({str(exc).splitlines()[0][:200]})",
+                         image.path) from None
+    out = Path(path)
+    with atomic_path(out) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+    return out
+
+
+def read_dicom_seg(path: str | Path) -> tuple[Any, dict[int, str]]:
+    """Open a DICOM SEG with highdicom: (the ``highdicom.seg.Segmentation``, ``{segment number: label}``)."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(str(path))
+    names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
+    return seg, names
+
+
+def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str | Path, *,
+                         roi_subset: list[str] | None = None, statistics: bool = False,
+                         timings_path: str | Path | None = None, timings: Timings | None = None,
+                         passport: Callable[[SegmentationResult, Timings], None] | None = None,
+                         progress: Callable[[int], None] | None = None) -> SegmentationResult:
+    """``Segmenter.segment_file`` with a DICOM SEG as the output instead of NIfTI.
+
+    ``statistics`` writes ``statistics.json`` beside ``output``; ``timings_path`` the stage timings.
+    """
+    from ..io.atomic import write_text_atomic
+    from ..segment.pipeline import Timings, classes_for
+    from ..segment.statistics import basic_statistics
+
+    classes = classes_for(roi_subset)
+    tm = timings or Timings()
+    result = segmenter.segment(image, timings=tm, progress=progress)
+    if roi_subset:
+        keep = np.zeros(256, dtype=bool)
+        keep[list(classes)] = True
+        result.labels = np.where(keep[result.labels], result.labels, 0).astype(np.uint8)
+    if passport is not None:
+        with tm.stage("passport"):
+            passport(result, tm)
+    out = Path(output)
+    with tm.stage("write"):
+        write_dicom_seg(result.labels, image, classes, out, model_id=segmenter.model.model_id)
+        if statistics:
+            stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes)
+            write_text_atomic(out.parent / "statistics.json", json.dumps(stats, indent=4))
+    if timings_path is not None:
+        info = tm.as_dict()
+        info.update(model_load_seconds=round(segmenter.load_seconds, 6), backend=segmenter.backend_name,
+                    model_id=segmenter.model.model_id, n_tiles=result.n_tiles, input=str(image.path),
+                    output_type="dicom_seg")
+        write_text_atomic(Path(timings_path), json.dumps(info, indent=2))
+    return result

@@ -1,0 +1,250 @@
+"""Batch processing: discovery, per-case outputs, failures recorded, kill + resume, local pool, Dask."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctpassport.batch.discover import discover_cases
+from ctpassport.batch.runner import BATCH_CSV, BATCH_JSON, run_batch
+from ctpassport.batch.worker import BatchOptions
+from ctpassport.cli import app
+from ctpassport.errors import CTPassportError, InputError, OutputExistsError
+from ctpassport.io.load import load_ct
+from ctpassport.io.nifti import read_image
+
+pytestmark = pytest.mark.torch
+
+CASES = ["a__ct1", "b_ct2", "patient3__series"]
+
+
+def check_case(case_dir: Path, source: Path) -> dict:  # type: ignore[type-arg]
+    """A finished case folder is complete and its labels lie on the input's grid."""
+    rec = json.loads((case_dir / "case.json").read_text())
+    assert rec["status"] == "ok" and rec["error"] is None
+    lab = read_image(case_dir / "labels.nii.gz")
+    src = load_ct(source)
+    assert lab.shape == src.shape
+    np.testing.assert_allclose(lab.affine, src.affine, atol=1e-4)
+    assert lab.data.dtype == np.uint8 and lab.data.max() > 0
+    stats = json.loads((case_dir / "statistics.json").read_text())
+    assert len(stats) == 117 and {"volume", "intensity"} <= set(stats["spleen"])
+    tm = json.loads((case_dir / "timings.json").read_text())
+    assert {"load", "preprocess", "infer", "postprocess", "write"} <= set(tm["seconds"])
+    assert len(rec["source_sha256"]) == 64
+    return rec
+
+
+def test_discover(tmp_path: Path, batch_in: Path) -> None:
+    (batch_in / "scans.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an (empty) zip is a candidate case
+    out = batch_in / "results"  # an output folder inside the input is not searched
+    (out / "x").mkdir(parents=True)
+    (out / "x" / "labels.nii.gz").write_bytes(b"")
+    cases = discover_cases(batch_in, exclude=out)
+    assert [(c.case_id, c.kind) for c in cases] == [("a__ct1", "nifti"), ("b_ct2", "nifti"),
+                                                    ("patient3__series", "dicom-folder"), ("scans", "dicom-zip")]
+    # A DICOM folder given as IN_DIR is itself the one case.
+    only = discover_cases(batch_in / "patient3" / "series")
+    assert [(c.case_id, c.kind) for c in only] == [("series", "dicom-folder")]
+    with pytest.raises(InputError, match="no such folder"):
+        discover_cases(tmp_path / "nope")
+
+
+def test_batch_records_a_corrupt_case_and_goes_on(batch_in: Path, corrupt: Path, tiny_model: Path,
+                                                  tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["batch", str(batch_in), str(out), "--model", str(tiny_model), "-q"])
+    assert res.exit_code == 8, res.output
+    assert "1 of 4 cases failed" in res.output and "Traceback" not in res.output
+    doc = json.loads((out / BATCH_JSON).read_text())
+    assert doc["status"] == "complete" and doc["counts"] == {"total": 4, "ok": 3, "failed": 1, "pending": 0,
+                                                             "resumed": 0}
+    by_id = {r["case_id"]: r for r in doc["cases"]}
+    assert set(by_id) == {*CASES, "a__ct1_broken"}
+    bad = by_id["a__ct1_broken"]
+    assert bad["status"] == "failed" and "ct1_broken.nii.gz" in bad["error"] and "\n" not in bad["error"]
+    assert not (out / "a__ct1_broken").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([*CASES, BATCH_JSON, BATCH_CSV])  # nothing partial
+    check_case(out / "a__ct1", batch_in / "a" / "ct1.nii.gz")
+    check_case(out / "b_ct2", batch_in / "b_ct2.nii.gz")
+    rec = check_case(out / "patient3__series", batch_in / "patient3" / "series")
+    assert rec["study"]["patient_id"] == "P3" and rec["study"]["study_date"] == "2024-02-02"
+    assert rec["study"]["modality"] == "CT" and rec["kind"] == "dicom-folder"
+    rows = list(csv.DictReader((out / BATCH_CSV).read_text().splitlines()))
+    assert [(r["case_id"], r["status"]) for r in rows] == [(c, by_id[c]["status"]) for c in sorted(by_id)]
+    # The model is loaded once for the whole (in-process) batch.
+    assert {by_id[c]["worker"]["segmenter_loads"] for c in CASES} == {1}
+    # An existing batch output is not overwritten without --resume or --force.
+    res = CliRunner().invoke(app, ["batch", str(batch_in), str(out), "--model", str(tiny_model), "-q"])
+    assert res.exit_code == OutputExistsError.exit_code and "--force" in res.output
+
+
+def _wait(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_killed_batch_resumes_without_redoing_finished_cases(batch_in: Path, tiny_model: Path, tmp_path: Path,
+                                                             ct_dir: Path) -> None:
+    # Make the second case (b_*) big so the kill lands while it is being written: many tiles.
+    big = read_image(ct_dir / "example_ct.nii.gz")
+    from ctpassport.io.nifti import make_nifti, save_nifti
+
+    (batch_in / "b_ct2.nii.gz").unlink()
+    save_nifti(make_nifti(big.data, big.affine, big.header), batch_in / "b_big.nii.gz")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ctpassport.cli", "batch", str(batch_in), str(out),
+                             "--model", str(tiny_model), "-q"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        first_done = _wait(lambda: (out / "a__ct1" / "case.json").exists(), 180)
+        second_started = _wait(lambda: any(p.name.startswith(".b_big.tmp-") for p in out.iterdir()), 60)
+        assert first_done and second_started, proc.stderr.read().decode() if proc.poll() is not None else ""
+        assert proc.poll() is None, "the batch finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    proc.stdout.close()
+    proc.stderr.close()
+    # Killed: the finished case is complete, the interrupted one exists only as a hidden temporary folder.
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert "b_big" not in visible and "a__ct1" in visible
+    check_case(out / "a__ct1", batch_in / "a" / "ct1.nii.gz")
+    doc = json.loads((out / BATCH_JSON).read_text())
+    assert doc["status"] == "running" and {r["case_id"]: r["status"] for r in doc["cases"]}["a__ct1"] == "ok"
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "a__ct1").iterdir()}
+    first_record = (out / "a__ct1" / "case.json").read_text()
+
+    res = CliRunner().invoke(app, ["batch", str(batch_in), str(out), "--model", str(tiny_model), "--resume", "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / BATCH_JSON).read_text())
+    by_id = {r["case_id"]: r for r in doc["cases"]}
+    assert doc["status"] == "complete" and doc["counts"]["ok"] == 3 and doc["counts"]["resumed"] == 1
+    assert by_id["a__ct1"]["resumed"] is True and by_id["b_big"]["resumed"] is False
+    # Nothing of the finished case was redone or rewritten.
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "a__ct1").iterdir()} == before
+    assert (out / "a__ct1" / "case.json").read_text() == first_record
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the half-written case was removed
+    check_case(out / "b_big", batch_in / "b_big.nii.gz")
+    check_case(out / "patient3__series", batch_in / "patient3" / "series")
+    # A changed input is redone on resume.
+    time.sleep(0.01)
+    os.utime(batch_in / "a" / "ct1.nii.gz")
+    summary = run_batch(batch_in, out, BatchOptions(model=str(tiny_model)), resume=True)
+    assert summary.counts()["resumed"] == 2
+    assert summary.records["a__ct1"]["resumed"] is False
+
+
+def _labels(out: Path, case: str) -> np.ndarray:
+    return read_image(out / case / "labels.nii.gz").data
+
+
+def test_local_pool(batch_in: Path, tiny_model: Path, tmp_path: Path) -> None:
+    # One inference thread everywhere: the random tiny model has near-tied logits, and another thread count
+    # changes float summation order (and so a few argmax ties) -- not what this test is about.
+    ref = run_batch(batch_in, tmp_path / "ref", BatchOptions(model=str(tiny_model), threads=1))
+    summary = run_batch(batch_in, tmp_path / "pool", BatchOptions(model=str(tiny_model), threads=1), workers=2)
+    assert summary.executor == "local-pool(2)" and summary.counts()["ok"] == 3
+    pids = {r["worker"]["pid"] for r in summary.records.values()}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert {r["worker"]["segmenter_loads"] for r in summary.records.values()} == {1}
+    for case in CASES:  # the same labels whichever executor ran them
+        np.testing.assert_array_equal(_labels(tmp_path / "pool", case), _labels(tmp_path / "ref", case))
+    assert ref.counts()["ok"] == 3
+
+
+@pytest.mark.slow
+def test_dask_local_cluster(batch_in: Path, corrupt: Path, tiny_model: Path, tmp_path: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    ref = run_batch(batch_in, tmp_path / "ref", BatchOptions(model=str(tiny_model), threads=1))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster:
+        address = cluster.scheduler_address
+        res = CliRunner().invoke(app, ["batch", str(batch_in), str(tmp_path / "dask"), "--scheduler", address,
+                                       "--model", str(tiny_model), "--nr_thr", "1", "-q"])
+    assert res.exit_code == 8, res.output  # the corrupt case
+    doc = json.loads((tmp_path / "dask" / BATCH_JSON).read_text())
+    assert doc["executor"] == f"dask({address})"
+    assert doc["counts"]["ok"] == 3 and doc["counts"]["failed"] == 1
+    ok = [r for r in doc["cases"] if r["status"] == "ok"]
+    pids = {r["worker"]["pid"] for r in ok}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert {r["worker"]["segmenter_loads"] for r in ok} == {1}  # loaded once per worker
+    for case in CASES:
+        np.testing.assert_array_equal(_labels(tmp_path / "dask", case), _labels(tmp_path / "ref", case))
+    assert ref.counts()["ok"] == 3
+
+
+def test_bad_arguments(batch_in: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="either --workers"):
+        run_batch(batch_in, tmp_path / "o", workers=2, scheduler="tcp://127.0.0.1:1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no CT found"):
+        run_batch(empty, tmp_path / "o2")
+    with pytest.raises(CTPassportError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:1"):
+        run_batch(batch_in, tmp_path / "o3", scheduler="tcp://127.0.0.1:1", connect_timeout=1.0)
+
+
+@pytest.mark.slow
+def test_standin_batch_with_passports_into_the_store(ct_dir: Path, standin_home: Path, tmp_path: Path) -> None:
+    """The real-size stand-in model: the same CT as NIfTI and as DICOM gives the same labels; the passports
+    go into the store with the metadata recorded by the batch."""
+    from ctpassport.io.dicom_write import SeriesTags, write_dicom_series
+    from ctpassport.passport.schema import load_passport
+    from ctpassport.store.db import PassportStore
+
+    src = tmp_path / "in"
+    src.mkdir()
+    ct = read_image(ct_dir / "example_ct_sm.nii.gz")
+    (src / "sm.nii.gz").write_bytes((ct_dir / "example_ct_sm.nii.gz").read_bytes())
+    write_dicom_series(ct.data, ct.affine, src / "sm_dicom", SeriesTags(patient_id="P9", study_date="20250101"))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["batch", str(src), str(out), "--passport", "--model", str(standin_home), "-q"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(_labels(out, "sm"), _labels(out, "sm_dicom"))
+    p1, p2 = load_passport(out / "sm" / "passport.json"), load_passport(out / "sm_dicom" / "passport.json")
+    assert p1.organs and [o.id for o in p1.organs] == [o.id for o in p2.organs]
+    db = str(tmp_path / "store.sqlite")
+    res = CliRunner().invoke(app, ["store", "add", str(out / "sm" / "passport.json"),
+                                   str(out / "sm_dicom" / "passport.json"), "--db", db])
+    assert res.exit_code == 0, res.output
+    with PassportStore(db) as store:
+        recs = {r.source_path: r for r in store.list()}
+    dicom_rec = recs[str(src / "sm_dicom")]
+    assert (dicom_rec.patient_id, dicom_rec.study_date, dicom_rec.modality) == ("P9", "2025-01-01", "CT")
+    nifti_rec = recs[str(src / "sm.nii.gz")]
+    assert nifti_rec.n_organs == len(p1.organs) and nifti_rec.patient_id is None
+    # Both passports describe the same scan: registering them from the store gives the identity.
+    res = CliRunner().invoke(app, ["store", "register", "--fixed-study", nifti_rec.study_key, "--moving-study",
+                                   dicom_rec.study_key, "-o", str(tmp_path / "reg"), "--db", db, "-q"])
+    assert res.exit_code == 0, res.output
+    from ctpassport.register import load_transform
+
+    reg = load_transform(tmp_path / "reg")
+    np.testing.assert_allclose(reg.rotation, np.eye(3), atol=1e-6)
+    np.testing.assert_allclose(reg.translation, 0.0, atol=1e-4)
+
+
+def test_missing_model_fails_before_any_case(batch_in: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["batch", str(batch_in), str(tmp_path / "o"), "--model", str(tmp_path / "nomodel"),
+                                   "-q"])
+    assert res.exit_code == 3 and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,211 @@
+"""DICOM SEG output: opens with highdicom and pydicom, references the source series, codes and labels right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctpassport.cli import app
+from ctpassport.errors import CTPassportError, InputError
+from ctpassport.io.dicom import LPS_TO_RAS, DicomImage3D
+from ctpassport.io.dicom_seg import read_dicom_seg, snomed_table, snomed_table_from_csv, write_dicom_seg
+from ctpassport.io.dicom_write import SeriesTags, write_dicom_series
+from ctpassport.io.load import load_ct
+from ctpassport.io.nifti import read_image
+from ctpassport.model.classes import NAME_TO_ID, TOTAL_CLASSES
+
+pydicom = pytest.importorskip("pydicom")
+hd = pytest.importorskip("highdicom")
+
+
+@pytest.fixture
+def dicom_ct(tmp_path: Path, ct_dir: Path) -> DicomImage3D:
+    ct = read_image(ct_dir / "example_ct_sm.nii.gz")
+    write_dicom_series(ct.data, ct.affine, tmp_path / "ct", SeriesTags(patient_id="P1", uid_seed="seg"))
+    img = load_ct(tmp_path / "ct")
+    assert isinstance(img, DicomImage3D)
+    return img
+
+
+def seg_on_grid(path: Path, image: DicomImage3D) -> np.ndarray:
+    """The SEG's segments as TotalSegmentator class ids on ``image``'s grid (checks the grids coincide)."""
+    seg, names = read_dicom_seg(path)
+    vol = seg.get_volume(combine_segments=True, relabel=False)
+    ours_lps = LPS_TO_RAS @ image.affine
+    m = np.linalg.solve(ours_lps, np.asarray(vol.affine))  # SEG voxel -> our voxel
+    np.testing.assert_allclose(m[:3, :3], np.round(m[:3, :3]), atol=1e-4)
+    np.testing.assert_allclose(m[:3, 3], np.round(m[:3, 3]), atol=1e-3)
+    out = np.zeros(image.shape, dtype=np.uint8)
+    arr = np.asarray(vol.array)
+    idx = np.argwhere(arr > 0)
+    ours = np.round(idx @ m[:3, :3].T + m[:3, 3]).astype(int)
+    to_id = np.zeros(max(names) + 1, dtype=np.uint8)
+    for number, label in names.items():
+        to_id[number] = NAME_TO_ID[label]
+    out[tuple(ours.T)] = to_id[arr[tuple(idx.T)]]
+    return out
+
+
+def test_seg_of_real_labels_roundtrips(dicom_ct: DicomImage3D, ct_dir: Path, tmp_path: Path) -> None:
+    labels = read_image(ct_dir / "example_seg_fast.nii.gz").data.astype(np.uint8)
+    out = write_dicom_seg(labels, dicom_ct, TOTAL_CLASSES, tmp_path / "seg.dcm", model_id="test-model")
+    ds = pydicom.dcmread(out)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and ds.Modality == "SEG"
+    assert ds.SegmentationType == "BINARY"
+    # The source series is referenced: the series UID, every frame to one of its instances, same patient/study.
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == dicom_ct.meta.series_uid
+    source_uids = {str(d.SOPInstanceUID) for d in dicom_ct.datasets}
+    refs = {str(d.ReferencedSOPInstanceUID) for d in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert refs <= source_uids and refs
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        src = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert str(src) in source_uids
+    assert ds.PatientID == "P1" and ds.StudyInstanceUID == dicom_ct.meta.study_uid
+    assert ds.FrameOfReferenceUID == dicom_ct.meta.frame_of_reference_uid
+    # One segment per class present, named and coded like TotalSegmentator.
+    present = sorted(int(k) for k in np.unique(labels) if k)
+    _, names = read_dicom_seg(out)
+    assert [names[n] for n in sorted(names)] == [TOTAL_CLASSES[k] for k in present]
+    by_label = {str(s.SegmentLabel): s for s in ds.SegmentSequence}
+    spleen = by_label["spleen"]
+    assert spleen.SegmentedPropertyTypeCodeSequence[0].CodeValue == "78961009"
+    assert spleen.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+    assert spleen.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
+    kidney = by_label["kidney_left"].SegmentedPropertyTypeCodeSequence[0]
+    assert kidney.CodeValue == "64033007"
+    assert kidney.SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Left"
+    assert spleen.SegmentAlgorithmType == "AUTOMATIC"
+    assert spleen.SegmentationAlgorithmIdentificationSequence[0].AlgorithmSource == "test-model"
+    # Colours follow TotalSegmentator's table.
+    rgb = hd.color.CIELabColor.from_dicom_value(tuple(spleen.RecommendedDisplayCIELabValue)).to_rgb()
+    np.testing.assert_allclose(rgb, snomed_table()["spleen"]["rgb"], atol=2)
+    # The voxels come back exactly.
+    np.testing.assert_array_equal(seg_on_grid(out, dicom_ct), labels)
+
+
+def test_oblique_series_and_class_subset(tmp_path: Path, rng: np.random.Generator) -> None:
+    data = rng.integers(-200, 200, size=(24, 20, 10)).astype(np.int16)
+    t = np.radians(20)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]) @ np.diag([1.2, 1.2, 3.0])
+    affine[:3, 3] = [5, -7, 30]
+    write_dicom_series(data, affine, tmp_path / "ob", SeriesTags(uid_seed="ob"))
+    img = load_ct(tmp_path / "ob")
+    labels = np.zeros(img.shape, dtype=np.uint8)
+    labels[3:10, 4:12, 2:6] = 1  # spleen
+    labels[12:20, 5:9, 4:9] = 5  # liver
+    labels[1:3, 1:3, 0:2] = 200  # not a TotalSegmentator id: not in `classes`, left out
+    classes = {1: "spleen", 5: "liver"}
+    out = write_dicom_seg(labels, img, classes, tmp_path / "ob.dcm")
+    _, names = read_dicom_seg(out)
+    assert names == {1: "spleen", 2: "liver"}
+    back = seg_on_grid(out, img)
+    np.testing.assert_array_equal(back, np.where(labels == 200, 0, labels))
+
+
+def test_seg_of_an_enhanced_multiframe_ct(tmp_path: Path, rng: np.random.Generator) -> None:
+    write_dicom_series(rng.integers(-100, 100, (16, 14, 8)).astype(np.int16), np.diag([1.0, 1.0, 2.0, 1.0]),
+                       tmp_path / "s", SeriesTags())
+    legacy = [pydicom.dcmread(f) for f in sorted((tmp_path / "s").iterdir())]
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, series_instance_uid=hd.UID(), series_number=9,
+                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    (tmp_path / "mf").mkdir()
+    mf.save_as(tmp_path / "mf" / "e.dcm", enforce_file_format=True)
+    img = load_ct(tmp_path / "mf")
+    assert isinstance(img, DicomImage3D) and img.multiframe
+    labels = np.zeros(img.shape, np.uint8)
+    labels[3:9, 2:7, 1:5] = 1
+    out = write_dicom_seg(labels, img, {1: "spleen"}, tmp_path / "mf.dcm")
+    ref = pydicom.dcmread(out).ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert ref.ReferencedSOPInstanceUID == img.datasets[0].SOPInstanceUID
+    np.testing.assert_array_equal(seg_on_grid(out, img), labels)
+
+
+def test_errors(dicom_ct: DicomImage3D, ct_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(CTPassportError, match="nothing to store"):
+        write_dicom_seg(np.zeros(dicom_ct.shape, np.uint8), dicom_ct, TOTAL_CLASSES, tmp_path / "e.dcm")
+    assert not (tmp_path / "e.dcm").exists()
+    nifti = read_image(ct_dir / "example_ct_sm.nii.gz")
+    with pytest.raises(InputError, match="needs DICOM input"):
+        write_dicom_seg(np.ones(nifti.shape, np.uint8), nifti, TOTAL_CLASSES, tmp_path / "n.dcm")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="does not match"):
+        write_dicom_seg(np.ones((2, 2, 2), np.uint8), dicom_ct, TOTAL_CLASSES, tmp_path / "s.dcm")
+    assert not list(tmp_path.glob("*.dcm"))
+
+
+def test_anonymised_series_without_patient_tags(tmp_path: Path) -> None:
+    write_dicom_series(np.zeros((10, 10, 5), np.int16), np.eye(4), tmp_path / "anon", SeriesTags())
+    for f in (tmp_path / "anon").iterdir():
+        ds = pydicom.dcmread(f)
+        for k in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "StudyTime", "StudyID"):
+            delattr(ds, k)
+        ds.save_as(f, enforce_file_format=True)
+    img = load_ct(tmp_path / "anon")
+    labels = np.zeros(img.shape, np.uint8)
+    labels[2:5, 2:5, 1:3] = 1
+    out = write_dicom_seg(labels, img, {1: "spleen"}, tmp_path / "anon.dcm")
+    ds = pydicom.dcmread(out)
+    assert ds.PatientID == "" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == img.meta.series_uid
+    assert "PatientID" not in img.datasets[0]  # the loaded headers are left as they were
+    np.testing.assert_array_equal(seg_on_grid(out, img), labels)
+
+
+def test_unknown_class_names_get_tissue_code(dicom_ct: DicomImage3D, tmp_path: Path) -> None:
+    labels = np.zeros(dicom_ct.shape, dtype=np.uint8)
+    labels[10:20, 10:20, 5:9] = 7
+    out = write_dicom_seg(labels, dicom_ct, {7: "my_lesion"}, tmp_path / "t.dcm")
+    s = pydicom.dcmread(out).SegmentSequence[0]
+    assert s.SegmentLabel == "my_lesion"
+    assert s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Tissue"
+
+
+def test_table_covers_all_classes() -> None:
+    table = snomed_table()
+    assert set(TOTAL_CLASSES.values()) <= set(table)
+    assert all(e["type"][0] == "SCT" and len(e["rgb"]) == 3 for e in table.values())
+
+
+@pytest.mark.vanilla
+def test_table_equals_totalsegmentators_csv() -> None:
+    ts = pytest.importorskip("totalsegmentator")
+    csv_path = Path(ts.__file__).parent / "resources" / "totalsegmentator_snomed_mapping.csv"
+    assert snomed_table_from_csv(csv_path, list(TOTAL_CLASSES.values())) == {n: snomed_table()[n] for n in
+                                                                             TOTAL_CLASSES.values()}
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_cli_segment_dicom_to_seg_and_nifti(dicom_ct: DicomImage3D, standin_home: Path, tmp_path: Path) -> None:
+    folder = dicom_ct.path
+    runner = CliRunner()
+    out = tmp_path / "out" / "seg.dcm"
+    res = runner.invoke(app, ["segment", "-i", str(folder), "-o", str(out), "--output-type", "dicom_seg",
+                              "--model", str(standin_home), "--statistics", "--timings", str(tmp_path / "t.json"),
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "SEG" and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == dicom_ct.meta.series_uid
+    assert (out.parent / "statistics.json").is_file()
+    _, names = read_dicom_seg(out)
+    assert names and set(names.values()) <= set(TOTAL_CLASSES.values())
+    # NIfTI output of the same DICOM input, chosen by --series-uid: the same labels on the same grid.
+    nii = tmp_path / "labels.nii.gz"
+    res = runner.invoke(app, ["segment", "-i", str(folder), "-o", str(nii), "--ml", "--series-uid",
+                              dicom_ct.meta.series_uid, "--model", str(standin_home), "-q"])
+    assert res.exit_code == 0, res.output
+    lab = read_image(nii)
+    np.testing.assert_allclose(lab.affine, dicom_ct.affine, atol=1e-4)
+    np.testing.assert_array_equal(seg_on_grid(out, dicom_ct), lab.data)
+
+
+def test_cli_dicom_seg_needs_dicom_input(ct_dir: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o",
+                                   str(tmp_path / "x.dcm"), "--output-type", "dicom_seg", "-q"])
+    assert res.exit_code != 0
+    assert "needs DICOM input" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o",
+                                   str(tmp_path / "x.dcm"), "--output-type", "rtstruct", "-q"])
+    assert res.exit_code != 0 and "--output-type must be nifti or dicom_seg" in res.output
