@@ -9,23 +9,34 @@ Frames and units, stated once for every field below:
 * ``eigenvalues_mm2`` are the covariance eigenvalues in **descending** order; ``eigenvectors[i]`` is the
   unit eigenvector of ``eigenvalues_mm2[i]`` (rows), its sign chosen so that its largest-magnitude
   component is positive (deterministic);
-* ``bbox_mm`` is ``[[xmin, ymin, zmin], [xmax, ymax, zmax]]`` over voxel centres.
+* ``bbox_mm`` is ``[[xmin, ymin, zmin], [xmax, ymax, zmax]]`` over voxel centres (world axes; exact for
+  oblique grids too);
+* ``volume_mm3`` is ``voxel_count * |det(affine[:3, :3])|``;
+* ``boundary_points_mm`` are centres of *surface voxels*: voxels of the organ with at least one of their
+  6 face neighbours inside the image not in the organ (another label or background). The image border is
+  **not** a surface (an organ cut by the field of view has no points on the cut). Up to
+  ``points_per_organ`` of them, stratified over the surface (well spread, not clustered), a deterministic
+  function of the label map, the label id and ``seed``; rounded to 0.001 mm;
+* ``truncated``: the organ has a voxel on the outermost voxel layer of the image (it may continue outside
+  the field of view; registration can leave such organs out);
+* ``hu_mean`` / ``hu_std``: mean and population standard deviation (ddof=0) of the CT (HU) inside the
+  organ, on the passport's grid; null when no CT was given.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .. import __version__
 from ..errors import InputError
 from ..io.atomic import write_text_atomic
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: + Passport.warnings, consistency checks on load
 
 Vec3 = tuple[float, float, float]
 Mat3 = tuple[Vec3, Vec3, Vec3]
@@ -84,6 +95,20 @@ class Organ(BaseModel):
             raise ValueError("eigenvalues_mm2 must be in descending order")
         return v
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Organ:
+        c = self.covariance_mm2
+        if any(abs(c[a][b] - c[b][a]) > 1e-6 * (1.0 + abs(c[a][b])) for a in range(3) for b in range(a)):
+            raise ValueError("covariance_mm2 must be symmetric")
+        for row in self.eigenvectors:
+            norm = sum(x * x for x in row) ** 0.5
+            if abs(norm - 1.0) > 1e-3:
+                raise ValueError(f"eigenvectors must be unit vectors (found norm {norm:.4g})")
+        lo, hi = self.bbox_mm
+        if any(lo[a] > hi[a] for a in range(3)):
+            raise ValueError("bbox_mm must be [min, max]")
+        return self
+
 
 class Passport(BaseModel):
     """The passport of one scan. See the module docstring for frames and units."""
@@ -92,15 +117,16 @@ class Passport(BaseModel):
 
     schema_version: str = SCHEMA_VERSION
     ctpassport_version: str = __version__
-    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     source: Source = Field(default_factory=Source)
     grid: Grid
     model_id: str | None = None
     coordinate_frame: Literal["RAS+ world mm"] = "RAS+ world mm"
     seed: int = 0
     points_per_organ: int = 500
-    timings: dict[str, float] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
     organs: list[Organ] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="e.g. an empty label map")
 
     @field_validator("schema_version")
     @classmethod
@@ -108,6 +134,13 @@ class Passport(BaseModel):
         if v.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
             raise ValueError(f"unsupported passport schema version {v} (this ctpassport reads {SCHEMA_VERSION})")
         return v
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Passport:
+        ids = [o.id for o in self.organs]
+        if len(ids) != len(set(ids)):
+            raise ValueError("organ ids must be unique")
+        return self
 
     def organ(self, key: int | str) -> Organ | None:
         """The organ with label id ``key`` (int) or class name ``key`` (str), or None."""
@@ -120,9 +153,17 @@ class Passport(BaseModel):
         return {o.id: o for o in self.organs}
 
 
+def passport_json(passport: Passport) -> str:
+    """The passport as JSON text: the header indented, then one organ per line (compact numbers)."""
+    head = passport.model_dump_json(indent=1, exclude={"organs"}).rstrip()
+    organs = ",\n  ".join(o.model_dump_json() for o in passport.organs)
+    body = f' "organs": [\n  {organs}\n ]' if passport.organs else ' "organs": []'
+    return f"{head[:-1].rstrip()},\n{body}\n}}\n"
+
+
 def save_passport(passport: Passport, path: str | Path) -> Path:
-    """Write ``passport`` as JSON atomically (compact numbers, one organ per block)."""
-    write_text_atomic(path, passport.model_dump_json(indent=1))
+    """Write ``passport`` as JSON atomically (:func:`passport_json`: the header, then one organ per line)."""
+    write_text_atomic(path, passport_json(passport))
     return Path(path)
 
 

@@ -1,0 +1,146 @@
+"""Bad input: one clear line, a nonzero exit code, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctpassport.cli import app
+from ctpassport.errors import InputError
+from ctpassport.passport.build import build_passport, passport_from_file
+from ctpassport.passport.schema import load_passport
+
+runner = CliRunner()
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def _good_labels() -> np.ndarray:
+    lab = np.zeros((12, 12, 12), dtype=np.uint8)
+    lab[3:8, 3:8, 3:8] = 5
+    return lab
+
+
+def _run_fails(args: list[str], out: Path, code: int, *words: str) -> None:
+    res = runner.invoke(app, args)
+    assert res.exit_code == code, res.output
+    err = res.stderr.strip()
+    assert err.startswith("ctpassport: error:") and len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name.split('.')[0]}")]  # no temp
+
+
+@pytest.mark.parametrize("case", ["float", "negative", "4d", "corrupt", "missing"])
+def test_bad_label_maps(tmp_path: Path, case: str) -> None:
+    src = tmp_path / "seg.nii.gz"
+    if case == "float":
+        _save(src, _good_labels().astype(np.float32) + 0.5)
+        words = ("float32", "integer")
+    elif case == "negative":
+        lab = _good_labels().astype(np.int16)
+        lab[0, 0, 0] = -1
+        _save(src, lab)
+        words = ("negative",)
+    elif case == "4d":
+        _save(src, np.stack([_good_labels()] * 2, axis=-1))
+        words = ("4-D",)
+    elif case == "corrupt":
+        src.write_bytes(b"\x1f\x8b" + b"not really gzip" * 10)
+        words = ("gzip",)
+    else:
+        src = tmp_path / "nothing.nii.gz"
+        words = ("no such file",)
+    out = tmp_path / "passport.json"
+    _run_fails(["passport", "-i", str(src), "-o", str(out)], out, 2, str(src), *words)
+    with pytest.raises(InputError):
+        passport_from_file(src)
+
+
+def test_ct_on_another_grid(tmp_path: Path) -> None:
+    seg = _save(tmp_path / "seg.nii.gz", _good_labels())
+    ct = _save(tmp_path / "ct.nii.gz", np.zeros((10, 12, 12), dtype=np.int16))
+    out = tmp_path / "p.json"
+    _run_fails(["passport", "-i", str(seg), "-o", str(out), "--ct", str(ct)], out, 2, "ct.nii.gz", "grid")
+
+
+def test_bad_arrays_in_the_api() -> None:
+    with pytest.raises(InputError, match="float"):
+        build_passport(np.zeros((4, 4, 4), dtype=np.float64), np.eye(4))
+    with pytest.raises(InputError, match="negative"):
+        build_passport(-np.ones((4, 4, 4), dtype=np.int8), np.eye(4))
+    with pytest.raises(InputError, match="4-D"):
+        build_passport(np.zeros((4, 4, 4, 2), dtype=np.uint8), np.eye(4))
+    with pytest.raises(InputError, match="affine"):
+        build_passport(np.zeros((4, 4, 4), dtype=np.uint8), np.zeros((4, 4)))
+    with pytest.raises(InputError, match="CT"):
+        build_passport(np.zeros((4, 4, 4), dtype=np.uint8), np.eye(4), ct=np.zeros((4, 4, 5)))
+
+
+def test_existing_output_needs_force(tmp_path: Path) -> None:
+    seg = _save(tmp_path / "seg.nii.gz", _good_labels())
+    out = tmp_path / "p.json"
+    out.write_text("keep me")
+    res = runner.invoke(app, ["passport", "-i", str(seg), "-o", str(out)])
+    assert res.exit_code == 4 and "--force" in res.stderr
+    assert out.read_text() == "keep me"
+    assert runner.invoke(app, ["passport", "-i", str(seg), "-o", str(out), "--force", "-q"]).exit_code == 0
+    assert load_passport(out).organs[0].id == 5
+
+
+def _valid_passport_json(tmp_path: Path) -> dict:
+    seg = _save(tmp_path / "seg.nii.gz", _good_labels())
+    p = passport_from_file(seg, points=20)
+    return json.loads(p.model_dump_json())
+
+
+@pytest.mark.parametrize("case", ["not_json", "truncated", "not_an_object", "bad_version", "missing_grid",
+                                  "ascending_eigenvalues", "bad_point", "extra_field", "duplicate_ids"])
+def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> None:
+    good = _valid_passport_json(tmp_path)
+    bad = tmp_path / "bad.json"
+    words: tuple[str, ...]
+    if case == "not_json":
+        bad.write_bytes(b"\x00\x01binary")
+        words = ("not valid JSON",)
+    elif case == "truncated":
+        bad.write_text(json.dumps(good)[:200])
+        words = ("not valid JSON",)
+    else:
+        if case == "not_an_object":
+            doc: object = [1, 2, 3]
+            words = ("not a valid passport",)
+        elif case == "bad_version":
+            good["schema_version"] = "9.0"
+            doc, words = good, ("schema_version", "unsupported")
+        elif case == "missing_grid":
+            del good["grid"]
+            doc, words = good, ("grid",)
+        elif case == "ascending_eigenvalues":
+            good["organs"][0]["eigenvalues_mm2"] = [1.0, 2.0, 3.0]
+            doc, words = good, ("descending",)
+        elif case == "bad_point":
+            good["organs"][0]["boundary_points_mm"][0] = [1.0, 2.0]
+            doc, words = good, ("boundary_points_mm",)
+        elif case == "extra_field":
+            good["organs"][0]["colour"] = "red"
+            doc, words = good, ("colour",)
+        else:
+            good["organs"].append(good["organs"][0])
+            doc, words = good, ("unique",)
+        bad.write_text(json.dumps(doc))
+    with pytest.raises(InputError):
+        load_passport(bad)
+    out = tmp_path / "pic.png"
+    _run_fails(["show", str(bad), "-o", str(out), "--html", str(tmp_path / "pic.html")], out, 2, "bad.json", *words)
+    assert not (tmp_path / "pic.html").exists()
