@@ -1,0 +1,189 @@
+"""The validation suite, the Learn2Reg layout and figures on the real shared CT labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctpassport.cli import app
+from ctpassport.errors import InputError
+from ctpassport.register.synthetic import random_motion
+from ctpassport.register.transform import GridSpec
+from ctpassport.register.validate import (
+    SuiteOptions,
+    load_scene,
+    noise_floor,
+    run_suite,
+    self_registration,
+    validate_learn2reg,
+)
+from ctpassport.register.warp import resample
+
+
+def _intensity(labels: np.ndarray) -> np.ndarray:
+    """A CT-like image whose labels can be read back exactly (the test's 'segmenter')."""
+    return np.where(labels > 0, 100 + 10 * labels.astype(np.int16), -1000).astype(np.int16)
+
+
+def _segment(img) -> np.ndarray:
+    d = np.asarray(img.data)
+    return np.where(d >= 100, (d - 100) // 10, 0).astype(np.uint8)
+
+
+def make_learn2reg(folder: Path, labels: np.ndarray, aff: np.ndarray, pairs: int = 2) -> dict[str, float]:
+    """A Learn2Reg-layout folder: imagesTr, labelsTr, keypointsTr (voxel CSVs), TASK_dataset.json.
+
+    Each moving scan is the fixed scene under a known random motion; its keypoints are moving body voxels and
+    the fixed keypoints their exact (continuous) voxel positions in the fixed image."""
+    for sub in ("imagesTr", "labelsTr", "keypointsTr"):
+        (folder / sub).mkdir(parents=True)
+    g = GridSpec(labels.shape, aff)
+    items, moved = [], []
+    for k in range(1, pairs + 1):
+        motion = random_motion(
+            g,
+            np.random.default_rng(k),
+            amplitude_mm=4.0,
+            mask=labels > 0,
+            max_angle_deg=4.0,
+            max_translation_mm=6.0,
+        )
+        ml = resample(labels, aff, motion.pullback, g, labels=True)
+        fname, mname = f"TEST_{k:04d}_0000.nii.gz", f"TEST_{k:04d}_0001.nii.gz"
+        for name, lab in ((fname, labels), (mname, ml)):
+            nib.save(nib.Nifti1Image(_intensity(lab), aff), folder / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(lab, aff), folder / "labelsTr" / name)
+        vy = np.argwhere(ml > 0)[::9].astype(float)
+        vx = g.world_to_index(motion.pullback.apply(g.index_to_world(vy)))
+        ok = np.all((vx >= 0) & (vx <= np.asarray(labels.shape) - 1), axis=1)
+        np.savetxt(folder / "keypointsTr" / f"TEST_{k:04d}_0000.csv", vx[ok], delimiter=",", fmt="%.4f")
+        np.savetxt(folder / "keypointsTr" / f"TEST_{k:04d}_0001.csv", vy[ok], delimiter=",", fmt="%.1f")
+        items.append({"fixed": f"./imagesTr/{fname}", "moving": f"./imagesTr/{mname}"})
+        moved.append(
+            float(np.linalg.norm(g.index_to_world(vx[ok]) - g.index_to_world(vy[ok]), axis=1).mean())
+        )
+    (folder / "TEST_dataset.json").write_text(
+        json.dumps({"name": "TEST", "training_paired_images": items, "registration_val": items[:1]})
+    )
+    return {"mean_motion_mm": float(np.mean(moved))}
+
+
+def test_learn2reg_with_label_folder(scene, tmp_path) -> None:
+    labels, aff = scene
+    info = make_learn2reg(tmp_path / "task", labels, aff)
+    res = validate_learn2reg(tmp_path / "task", tmp_path / "out", labels_dir=tmp_path / "task" / "labelsTr")
+    s = res["summary"]
+    assert s["pairs"] == 2 and s["evaluated"] == 2
+    assert s["tre_identity_mm"] == pytest.approx(info["mean_motion_mm"], rel=1e-3)
+    assert s["rigid"]["tre_mean_mm"] < 0.6 * s["tre_identity_mm"]
+    assert s["deformable"]["tre_mean_mm"] < s["rigid"]["tre_mean_mm"]
+    assert s["deformable"]["tre_mean_mm"] < 2.5
+    assert all(r["total_s"] > 0 for r in res["pairs"])
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# Learn2Reg validation")
+
+
+def test_learn2reg_with_a_segmenter_and_via_the_cli(scene, tmp_path) -> None:
+    labels, aff = scene
+    make_learn2reg(tmp_path / "task", labels, aff, pairs=1)
+    res = validate_learn2reg(tmp_path / "task", tmp_path / "out", segment=_segment)
+    assert res["summary"]["evaluated"] == 1 and res["labels"] == "segmented"
+    r = CliRunner().invoke(
+        app,
+        [
+            "validate-registration",
+            "--learn2reg",
+            str(tmp_path / "task"),
+            "--labels-dir",
+            str(tmp_path / "task" / "labelsTr"),
+            "-o",
+            str(tmp_path / "cli_out"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "cli_out" / "results.json").read_text())["summary"]["evaluated"] == 1
+
+
+def test_learn2reg_bad_folders(tmp_path) -> None:
+    with pytest.raises(InputError, match="no such Learn2Reg folder"):
+        validate_learn2reg(tmp_path / "none", tmp_path / "o", labels_dir=tmp_path)
+    (tmp_path / "task").mkdir()
+    with pytest.raises(InputError, match="dataset.json"):
+        validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
+    (tmp_path / "task" / "X_dataset.json").write_text("{}")
+    with pytest.raises(InputError, match="lists no image pairs"):
+        validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_suite_writes_report_results_and_pictures(scene, tmp_path) -> None:
+    labels, aff = scene
+    nib.save(nib.Nifti1Image(labels, aff), tmp_path / "seg.nii.gz")
+    opts = SuiteOptions(
+        cases=1,
+        amplitudes=(4.0,),
+        missing_fractions=(0.25,),
+        crop_fraction=0.2,
+        compare_methods=("demons", "bspline"),
+        compare_cases=1,
+        full_fov=False,
+        timing_repeats=1,
+        n_points=500,
+    )
+    res = run_suite(tmp_path / "seg.nii.gz", tmp_path / "report", options=opts)
+    names = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert names == ["overlay_amplitude4.png", "report.md", "results.json"]
+    assert res["self_registration"]["deformable"]["tre"]["max"] < 1e-3
+    s = res["summary"]["amplitude_4"]
+    assert s["deformable:demons"]["tre_mean_mm"] < s["rigid"]["tre_mean_mm"] < s["rigid"]["tre_identity_mm"]
+    assert s["deformable:demons"]["folding_percent"] == 0.0
+    assert {"missing_0.25", "crop_0.2", "compare"} <= set(res["summary"])
+    assert "deformable:bspline" in res["summary"]["compare"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Targets" in report and "## Synthetic recovery" in report
+
+
+def test_real_ct_self_registration_and_noise_floor(ct_dir) -> None:
+    """On the shared real labels: self-registration is exact; the fast vs full segmentations of the same
+    scan (truth: identity) give a small spurious motion (measured ~1 mm mean; bound 2.5 mm)."""
+    scene = load_scene(ct_dir / "example_seg_fast.nii.gz", ct_dir / "example_ct_sm.nii.gz")
+    sr = self_registration(scene, n_points=1000)
+    assert sr["rigid"]["tre"]["max"] < 1e-4 and sr["deformable"]["tre"]["max"] < 1e-3
+    other = nib.load(ct_dir / "example_seg.nii.gz")
+    nf, _ = noise_floor(scene, np.asarray(other.dataobj), other.affine, n_points=1000)
+    assert nf["rigid"]["tre"]["mean"] < 2.5
+    assert nf["deformable"]["tre"]["mean"] < 2.5
+    assert nf["deformable"]["overlap"]["dice"] >= nf["overlap_identity"]["dice"] - 0.02
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_learn2reg_segments_with_the_model(scene, tmp_path, standin_home) -> None:
+    """The full segment -> passport -> register path with the (stand-in) model via the CLI: stand-in weights give
+    random labels, so only the plumbing is checked (every pair reported, with figures or a clear error)."""
+    labels, aff = scene
+    make_learn2reg(tmp_path / "task", labels, aff, pairs=1)
+    r = CliRunner().invoke(
+        app,
+        [
+            "validate-registration",
+            "--learn2reg",
+            str(tmp_path / "task"),
+            "--model",
+            str(standin_home),
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["labels"] == "segmented" and len(res["pairs"]) == 1
+    row = res["pairs"][0]
+    assert row["segment_s"] > 0
+    assert all(("tre" in row[t]) or ("error" in row[t]) for t in ("rigid", "deformable"))
