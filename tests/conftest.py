@@ -57,7 +57,8 @@ def standin_home(tmp_path_factory: pytest.TempPathFactory, onnx_cache: Path) -> 
 def segmenter(standin_home: Path, onnx_cache: Path):  # type: ignore[no-untyped-def]
     from ctpassport.segment.pipeline import Segmenter
 
-    return Segmenter(standin_home, config=Config.from_env(cache_dir=onnx_cache))
+    # the exact fp32 parity path (auto would pick a faster, reduced-precision backend where available)
+    return Segmenter(standin_home, backend="onnxruntime", config=Config.from_env(cache_dir=onnx_cache))
 
 
 @pytest.fixture

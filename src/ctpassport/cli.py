@@ -114,20 +114,20 @@ def segment_cmd(
     statistics: Annotated[bool, typer.Option("--statistics", "-s", help="Write statistics.json (volume mm3, mean HU).")] = False,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="cpu or gpu (gpu: CUDA backend when available).")] = "cpu",
-    backend: Annotated[str | None, typer.Option("--backend", help="auto, onnxruntime, openvino-bf16, ...")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="auto (default: the fastest backend that keeps parity on this machine, e.g. openvino-bf16 on AMX CPUs), onnxruntime (exact fp32 parity path), openvino, openvino-bf16, openvino-int8, cuda, torch.")] = None,
     nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads (0 = all cores).")] = 0,
     timings: Annotated[Path | None, typer.Option("--timings", help="Write per-stage seconds and peak RSS (JSON).")] = None,
     passport: Annotated[Path | None, typer.Option("--passport", help="Also write the passport JSON here.")] = None,
     passport_grid: Annotated[str, typer.Option("--passport-grid", help="model (3 mm grid, like the study) or output.")] = "model",
+    series_uid: Annotated[str | None, typer.Option("--series-uid", help="DICOM input: this SeriesInstanceUID (default: the largest CT series).")] = None,
+    output_type: Annotated[str, typer.Option("--output-type", help="nifti, or dicom_seg (DICOM input only; -o names the .dcm file).")] = "nifti",
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Segment a CT with TotalSegmentator's fast model (same labels as `TotalSegmentator --fast`)."""
     from .config import Config
     from .io.atomic import check_writable
-    from .segment.pipeline import Segmenter
-
-    from .segment.pipeline import Timings, classes_for, load_input
+    from .segment.pipeline import Segmenter, Timings, classes_for, load_input
 
     cfg = Config.from_env()
     check_writable(output, force)
@@ -137,7 +137,14 @@ def segment_cmd(
         check_writable(timings, force)
     classes_for(roi_subset)  # fail early on unknown names
     tm = Timings()
-    image = load_input(input, tm)  # validate the input before the (slow) model load
+    if output_type not in ("nifti", "dicom_seg"):
+        raise CTPassportError(f"--output-type must be nifti or dicom_seg, not {output_type!r}")
+    image = load_input(input, tm, series_uid=series_uid)  # validate the input before the (slow) model load
+    if output_type == "dicom_seg":
+        from .io.dicom import DicomImage3D
+
+        if not isinstance(image, DicomImage3D):
+            raise CTPassportError("--output-type dicom_seg needs DICOM input (a DICOM folder or zip)", input)
     chosen = backend or ("cuda" if device.startswith(("gpu", "cuda")) else None)
     _say(quiet, "Loading model...")
     seg = Segmenter(model, backend=chosen, threads=nr_thr or None, config=cfg)
@@ -149,15 +156,21 @@ def segment_cmd(
 
         def passport_fn(result: Any, tm: Any) -> None:
             passport_from_segmentation(result, passport, input_path=input, grid=passport_grid,
-                                       model_id=seg.model.model_id, timings=tm.seconds)
+                                       model_id=seg.model.model_id, timings=tm.seconds, ct=image.data)
 
     with progress:
         def tick(n: int) -> None:
             progress.update(task, advance=n)
 
-        res = seg.segment_file(input, output, ml=ml, roi_subset=roi_subset, statistics=statistics,
-                               timings_path=timings, force=True, passport=passport_fn,
-                               progress=tick, image=image, timings=tm)
+        if output_type == "dicom_seg":
+            from .io.dicom_seg import segment_to_dicom_seg
+
+            res = segment_to_dicom_seg(seg, image, output, roi_subset=roi_subset, statistics=statistics,  # type: ignore[arg-type]
+                                       timings_path=timings, timings=tm, passport=passport_fn, progress=tick)
+        else:
+            res = seg.segment_file(input, output, ml=ml, roi_subset=roi_subset, statistics=statistics,
+                                   timings_path=timings, force=True, passport=passport_fn,
+                                   progress=tick, image=image, timings=tm)
         progress.update(task, total=res.n_tiles, completed=res.n_tiles)
     _say(quiet, f"Wrote {output} in {res.timings.total:.2f} s")
 
@@ -242,26 +255,745 @@ def classes_cmd() -> None:
 # ------------------------------------------------------------------------------------------------
 # passport (issue 3)      -- commands: passport, show
 # ------------------------------------------------------------------------------------------------
+@app.command("passport")
+@handle_errors
+def passport_cmd(
+    input: Annotated[Path, typer.Option("-i", "--input", help="Label map (NIfTI, integer ids), e.g. TotalSegmentator --ml output.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Passport JSON to write.")],
+    ct: Annotated[Path | None, typer.Option("--ct", help="CT on the label map's grid: adds mean/std HU per organ.")] = None,
+    points: Annotated[int, typer.Option("--points", min=0, help="Boundary points per organ (at most).")] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the boundary point sampling.")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Build the anatomical passport (JSON, world mm RAS+) of a label map."""
+    import warnings
+
+    from .io.atomic import check_writable
+    from .passport.build import PassportWarning, passport_from_file
+    from .passport.schema import save_passport
+
+    check_writable(output, force)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PassportWarning)  # reported below from passport.warnings
+        p = passport_from_file(input, ct_path=ct, points=points, seed=seed)
+    save_passport(p, output)
+    for w in p.warnings:
+        typer.echo(f"ctpassport: warning: {input}: {w}", err=True)
+    n_trunc = sum(o.truncated for o in p.organs)
+    _say(quiet, f"Wrote {output}: {len(p.organs)} organs ({n_trunc} touch the image border), "
+                f"passport built in {1000 * p.timings.get('passport_build', 0.0):.0f} ms")
+
+
+@app.command("show")
+@handle_errors
+def show_cmd(
+    passport: Annotated[Path, typer.Argument(help="Passport JSON.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="PNG picture to write.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write an interactive HTML page (plotly).")] = None,
+    dpi: Annotated[int, typer.Option("--dpi", min=20, max=600, help="PNG resolution (100 = 2400 x 3200 pixels).")] = 100,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Draw a passport: 3-D organ map, volumes, axial/coronal/sagittal projections, spine view."""
+    from .io.atomic import check_writable
+    from .passport.schema import load_passport
+    from .passport.show import render_html, render_png
+
+    if output is None and html is None:
+        raise CTPassportError("nothing to write: give -o picture.png and/or --html page.html")
+    for out in (output, html):
+        if out is not None:
+            check_writable(out, force)
+    p = load_passport(passport)
+    if output is not None:
+        render_png(p, output, dpi=dpi)
+        _say(quiet, f"Wrote {output}")
+    if html is not None:
+        render_html(p, html)
+        _say(quiet, f"Wrote {html}")
+
 
 # ------------------------------------------------------------------------------------------------
 # registration (issue 4)  -- commands: register, warp, validate-registration
 # ------------------------------------------------------------------------------------------------
+def _read_weights(path: Path | None) -> dict[str, float] | None:
+    """``--weights`` JSON: {fnmatch pattern or class name: weight}."""
+    import json
+
+    from .errors import InputError
+
+    if path is None:
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("no such weights file", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError("not valid JSON", path) from None
+    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in d.values()):
+        raise InputError('expected a JSON object like {"vertebrae_*": 1.0, "lung_*": 0.4}', path)
+    return {str(k): float(v) for k, v in d.items()}
+
+
+@app.command("register")
+@handle_errors
+def register_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: transform.h5, displacement.nii.gz, registration.json.")],
+    fixed: Annotated[Path | None, typer.Option("--fixed", help="Fixed passport JSON.")] = None,
+    moving: Annotated[Path | None, typer.Option("--moving", help="Moving passport JSON.")] = None,
+    fixed_points: Annotated[Path | None, typer.Option("--fixed-points", help="Fixed landmarks CSV (header x,y,z; mm).")] = None,
+    moving_points: Annotated[Path | None, typer.Option("--moving-points", help="Moving landmarks CSV, rows matching --fixed-points.")] = None,
+    tier: Annotated[str, typer.Option("--tier", help="rigid or deformable.")] = "rigid",
+    method: Annotated[str | None, typer.Option("--method", help="Deformable smooth fit: demons (passports, default), tps (points, default), bspline, sitk-bspline.")] = None,
+    lps: Annotated[bool, typer.Option("--lps", help="Point CSVs are LPS (default RAS).")] = False,
+    reference: Annotated[Path | None, typer.Option("--reference", help="Points form: fixed image whose grid the displacement field is written on.")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="JSON {class name or pattern: stability weight} overriding the default table.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Organ name or id to leave out (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Register two passports (or paired landmarks): T maps fixed-space points to moving-space points (RAS mm)."""
+    from .errors import InputError
+    from .io.atomic import check_writable
+
+    check_writable(output, force)
+    if tier not in ("rigid", "deformable"):
+        raise InputError(f"--tier must be rigid or deformable, not {tier!r}")
+    passports = fixed is not None or moving is not None
+    points = fixed_points is not None or moving_points is not None
+    if passports == points:
+        raise InputError("give either --fixed and --moving (passports) or --fixed-points and --moving-points (CSV)")
+    if passports:
+        from .register.api import register_passports
+
+        if fixed is None or moving is None:
+            raise InputError("--fixed and --moving are both needed")
+        excl: list[int | str] = [int(e) if e.isdigit() else e for e in (exclude or [])]
+        res = register_passports(fixed, moving, tier, method=method or "demons", weights=_read_weights(weights),
+                                 exclude=excl)
+    else:
+        from .register.api import register_points
+        from .register.points import read_points_csv
+        from .register.warp import grid_of
+
+        if fixed_points is None or moving_points is None:
+            raise InputError("--fixed-points and --moving-points are both needed")
+        ft = read_points_csv(fixed_points, lps=lps)
+        mt = read_points_csv(moving_points, lps=lps)
+        if len(ft.points) != len(mt.points):
+            raise InputError(f"has {len(mt.points)} rows but {fixed_points} has {len(ft.points)}: rows must correspond",
+                             moving_points)
+        grid = None
+        if reference is not None:
+            from .io.nifti import read_image
+
+            grid = grid_of(read_image(reference))
+        res = register_points(ft.points, mt.points, tier, method=method or "tps", grid=grid)
+    res.save(output, force=force)
+    r = res.summary["rigid"]
+    _say(quiet, f"Rigid: rotation {r['rotation_deg']:.3f} deg, translation "
+                f"{sum(v * v for v in r['translation_mm']) ** 0.5:.2f} mm, RMS residual {r['rms_residual_mm']:.2f} mm, "
+                f"{r['organs_used']} used" + (f", dropped: {', '.join(map(str, r['organs_dropped']))}" if r["organs_dropped"] else ""))
+    for note in res.summary.get("notes", []):
+        _say(quiet, f"Note: {note}")
+    _say(quiet, f"Wrote {output} ({res.tier}, {res.summary['timings_s']['total'] * 1e3:.1f} ms)")
+
+
+@app.command("warp")
+@handle_errors
+def warp_cmd(
+    transform: Annotated[Path, typer.Option("--transform", "-t", help="Registration folder (or an ITK transform file).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Warped NIfTI, or mapped points CSV with --points.")],
+    input: Annotated[Path | None, typer.Option("-i", "--input", help="Moving image or label map (NIfTI).")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", "-r", help="Fixed image defining the output grid (default: the fixed grid of the registration).")] = None,
+    labels: Annotated[bool, typer.Option("--labels", help="Label map: nearest neighbour, no new label values.")] = False,
+    points: Annotated[Path | None, typer.Option("--points", help="Fixed-space points CSV (header x,y,z) to map to the moving space.")] = None,
+    lps: Annotated[bool, typer.Option("--lps", help="Point CSVs are LPS (default RAS).")] = False,
+    fill: Annotated[float | None, typer.Option("--fill", help="Value outside the moving image (default: 0 for labels, the image minimum otherwise).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Apply a registration: warp a moving image/labels into the fixed space, or map fixed points to moving."""
+    from .errors import InputError
+    from .io.atomic import check_writable
+    from .register.api import load_transform
+
+    check_writable(output, force)
+    if (input is None) == (points is None):
+        raise InputError("give either -i (an image or label map to warp) or --points (a CSV to map)")
+    res = load_transform(transform)
+    if points is not None:
+        from .register.points import read_points_csv, write_points_csv
+
+        table = read_points_csv(points, lps=lps)
+        write_points_csv(output, table.with_points(res.transform_points(table.points)), lps=lps)
+        _say(quiet, f"Mapped {len(table.points)} points to the moving space: {output}")
+        return
+    import numpy as np
+
+    from .io.nifti import make_nifti, read_image, save_nifti
+
+    assert input is not None
+    moving = read_image(input, kind="label map" if labels else "image")
+    if labels and not np.issubdtype(moving.data.dtype, np.integer):
+        raise InputError("--labels needs an integer label map (found floating-point voxels)", input)
+    ref = read_image(reference) if reference is not None else None
+    if ref is None and res.grid is None:
+        raise InputError("the transform has no fixed grid: pass --reference fixed.nii.gz", transform)
+    out = res.warp_image(moving, ref, labels=labels, fill=fill)
+    img = make_nifti(out.data, out.affine, ref.header if ref is not None else None, dtype=out.data.dtype)
+    if labels:
+        from .io.labels import add_label_table, read_label_table
+        from .io.nifti import load_nifti
+
+        table = read_label_table(load_nifti(input))  # TotalSegmentator's label table, kept when present
+        if table:
+            add_label_table(img, table)
+    save_nifti(img, output)
+    _say(quiet, f"Wrote {output} ({'labels, nearest neighbour' if labels else 'linear'}, grid {out.shape})")
+
+
+@app.command("validate-registration")
+@handle_errors
+def validate_registration_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report folder: report.md, results.json, pictures.")],
+    input: Annotated[Path | None, typer.Option("-i", "--input", help="Label map (segmentation) of the fixed scan.")] = None,
+    ct: Annotated[Path | None, typer.Option("--ct", help="Its CT (same grid): body mask for the held-out points.")] = None,
+    cases: Annotated[int, typer.Option("--cases", help="Random cases per scenario.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed of the synthetic motions.")] = 0,
+    noise_floor: Annotated[Path | None, typer.Option("--noise-floor", help="A second segmentation of the same scan (e.g. the full model's) for the noise floor.")] = None,
+    amplitudes: Annotated[str, typer.Option("--amplitudes", help="Mean deformation amplitudes (mm), comma separated.")] = "0,2.5,5,10,15",
+    compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Compare the smooth fits (demons, bspline, tps, sitk-bspline).")] = True,
+    full_fov: Annotated[bool, typer.Option("--full-fov/--no-full-fov", help="Also run the analytic full-torso label map (no organ cut by the field of view).")] = True,
+    learn2reg: Annotated[Path | None, typer.Option("--learn2reg", help="A Learn2Reg task folder (imagesTr, keypointsTr/landmarksTr, *_dataset.json).")] = None,
+    labels_dir: Annotated[Path | None, typer.Option("--labels-dir", help="Learn2Reg: take label maps from this folder (e.g. labelsTr) instead of segmenting.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Learn2Reg: model folder for segmentation.")] = None,
+    max_pairs: Annotated[int | None, typer.Option("--max-pairs", help="Learn2Reg: at most this many pairs.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the report folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Validate the registration: self-registration, synthetic recovery sweeps, noise floor, or a Learn2Reg folder."""
+    from .errors import InputError
+    from .io.atomic import check_writable
+
+    check_writable(output, force)
+    if cases < 1:
+        raise InputError(f"--cases must be >= 1, not {cases}")
+    say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    if learn2reg is not None:
+        from .register.validate import validate_learn2reg
+
+        segment_fn = None
+        if labels_dir is None:
+            from .config import Config
+            from .segment.pipeline import Segmenter
+
+            seg = Segmenter(model, config=Config.from_env())
+
+            def segment_fn(image: Any) -> Any:
+                return seg.segment(image).labels
+
+        res = validate_learn2reg(learn2reg, output, segment=segment_fn, labels_dir=labels_dir, max_pairs=max_pairs,
+                                 force=force, progress=say)
+        s = res["summary"]
+        _say(quiet, f"Learn2Reg: {s['evaluated']}/{s['pairs']} pairs, mean TRE identity {s['tre_identity_mm']} mm, "
+                    f"rigid {s['rigid']['tre_mean_mm']} mm, deformable {s['deformable']['tre_mean_mm']} mm; "
+                    f"wrote {output}")
+        return
+    if input is None:
+        raise InputError("give -i seg.nii.gz (or --learn2reg DIR)")
+    from .register.validate import SuiteOptions, run_suite
+
+    try:
+        amps = tuple(float(a) for a in amplitudes.split(",") if a.strip())
+    except ValueError:
+        raise InputError(f"--amplitudes must be numbers separated by commas, not {amplitudes!r}") from None
+    if not amps or any(a < 0 for a in amps):
+        raise InputError("--amplitudes must be one or more non-negative numbers")
+    opts = SuiteOptions(cases=cases, seed=seed, amplitudes=amps, full_fov=full_fov,
+                        compare_methods=("demons", "bspline", "tps", "sitk-bspline") if compare else ())
+    res = run_suite(input, output, ct=ct, noise_floor_seg=noise_floor, options=opts, force=force, progress=say)
+    s10 = res["summary"].get("amplitude_10", {}).get("deformable:demons", {})
+    _say(quiet, f"Wrote {output}/report.md (mean TRE at 10 mm: {s10.get('tre_mean_mm')} mm; "
+                f"{res['wall_s']:.0f} s)")
+
 
 # ------------------------------------------------------------------------------------------------
 # phantom + demo (issue 6) -- commands: phantom, demo, model train-demo
 # ------------------------------------------------------------------------------------------------
+@app.command("phantom")
+@handle_errors
+def phantom_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Phantom CT to write (NIfTI, int16 HU).")],
+    labels: Annotated[Path | None, typer.Option("--labels", "-l", help="Also write its labels (TotalSegmentator ids, uint8).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Phantom seed (patient size, organ sizes, position, noise).")] = 0,
+    spacing: Annotated[str, typer.Option("--spacing", help="Voxel size in mm: one value or three (array axis order), e.g. 1.5,1.5,3.")] = "3",
+    orientation: Annotated[str, typer.Option("--orientation", help="Array axis codes, e.g. RAS, LPS, PIL.")] = "RAS",
+    oblique: Annotated[str, typer.Option("--oblique", help="Rotate the grid by these angles (deg) about x,y,z, e.g. 5,0,10.")] = "0,0,0",
+    follow_up: Annotated[Path | None, typer.Option("--follow-up", help="Also write a follow-up scan of the same phantom after a known motion.")] = None,
+    follow_up_labels: Annotated[Path | None, typer.Option("--follow-up-labels", help="Follow-up labels (default: <follow-up>_labels.nii.gz).")] = None,
+    transform: Annotated[Path | None, typer.Option("--transform", help="True transform JSON (default: <follow-up>_true_transform.json): baseline=fixed -> follow-up=moving, world mm RAS+.")] = None,
+    motion_seed: Annotated[int, typer.Option("--motion-seed", help="Seed of the follow-up's motion and noise.")] = 1,
+    truth: Annotated[Path | None, typer.Option("--truth", help="Write the analytic organ volumes and centroids (JSON).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Make a synthetic torso CT with TotalSegmentator labels (and optionally a follow-up with a known motion)."""
+    from .phantom import write_phantom
+
+    try:
+        angles = tuple(float(v) for v in oblique.split(","))
+    except ValueError:
+        angles = ()
+    if len(angles) != 3:
+        raise CTPassportError(f"--oblique must be three angles in degrees, not {oblique!r}")
+    outs = write_phantom(output, labels, seed=seed, spacing=spacing, orientation=orientation,
+                         oblique_deg=angles, follow_up=follow_up, follow_up_labels=follow_up_labels,  # type: ignore[arg-type]
+                         transform=transform, truth=truth, motion_seed=motion_seed, force=force)
+    for role, path in outs.items():
+        _say(quiet, f"Wrote {role.replace('_', ' ')}: {path}")
+
+
+@app.command("demo")
+@handle_errors
+def demo_cmd(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write (report.html, report.json, images, passports, transforms).")] = Path("demo_out"),
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="Your baseline CT (default: a phantom).")] = None,
+    follow_up: Annotated[Path | None, typer.Option("--follow-up", help="Your follow-up CT (with --baseline).")] = None,
+    true_transform: Annotated[Path | None, typer.Option("--true-transform", help="Known baseline->follow-up transform (phantom JSON) for the error against the truth.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home (default: installed weights, else the demo model).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Phantom seed.")] = 0,
+    motion_seed: Annotated[int, typer.Option("--motion-seed", help="Seed of the follow-up's known motion.")] = 1,
+    spacing: Annotated[str, typer.Option("--spacing", help="Phantom voxel size in mm (one or three values).")] = "3",
+    orientation: Annotated[str, typer.Option("--orientation", help="Phantom array axis codes, e.g. RAS or LPS.")] = "RAS",
+    backend: Annotated[str | None, typer.Option("--backend", help="Inference backend (default: auto).")] = None,
+    nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads (0 = all cores).")] = 0,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Run everything on a phantom (or your two scans): segment, passports, register, warp, report.html."""
+    from .demo import run_demo
+
+    run_demo(output, baseline=baseline, follow_up=follow_up, true_transform=true_transform, model=model, seed=seed,
+             motion_seed=motion_seed, spacing=spacing, orientation=orientation, backend=backend,
+             threads=nr_thr or None, force=force, log=lambda m: _say(quiet, m))
+
+
+@model_app.command("train-demo")
+@handle_errors
+def model_train_demo_cmd(
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Trainer folder to write (default: the embedded demo model's folder).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 1000,
+    crop: Annotated[int, typer.Option("--crop", min=16, max=128, help="Random crop size (voxels of the 3 mm grid, per axis; a multiple of 16).")] = 64,
+    crop_start: Annotated[int, typer.Option("--crop-start", min=16, max=128, help="Smaller crops for the first --crop-switch of the steps.")] = 48,
+    crop_switch: Annotated[float, typer.Option("--crop-switch", min=0.0, max=1.0, help="Fraction of the steps trained on --crop-start crops.")] = 0.6,
+    batch: Annotated[int, typer.Option("--batch", min=1, max=8, help="Crops per step.")] = 1,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sgd (nnU-Net's).")] = "adamw",
+    lr: Annotated[float, typer.Option("--lr", help="Peak (adamw) or initial (sgd) learning rate.")] = 3e-3,
+    head_lr_mult: Annotated[float, typer.Option("--head-lr-mult", help="Learning-rate factor of the segmentation layers.")] = 10.0,
+    phantoms: Annotated[int, typer.Option("--phantoms", min=1, help="Number of training phantoms.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (weights and crops).")] = 0,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch.")] = 2,
+    work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Resumable training state (default: beside the output).")] = None,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from this trained model folder (a further training stage).")] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Measure Dice per source and write MODEL_CARD.md.")] = True,
+    evaluate_only: Annotated[bool, typer.Option("--evaluate-only", help="Only evaluate an existing model and rewrite its card.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing model.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train the embedded demo model (fast-model topology, features 8-80) on phantoms + the shared real CT slab."""
+    from .config import Config
+    from .model.demo import DEMO_DIR
+    from .model.train import TrainConfig, check_trained_folder, evaluate_demo, train_demo, write_model_card
+
+    cfg_env = Config.from_env()
+    out = output or DEMO_DIR
+    log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    if not evaluate_only:
+        cfg = TrainConfig(seed=seed, steps=steps, crop=crop, crop_start=crop_start, crop_switch=crop_switch,
+                          batch=batch, optimizer=optimizer, lr=lr, head_lr_mult=head_lr_mult, n_phantoms=phantoms,
+                          threads=threads,
+                          init_from=str(init_from) if init_from else None)
+        train_demo(out, ct_dir=cfg_env.ct_data_dir, cfg=cfg, work_dir=work_dir, force=force, log=log)
+    else:
+        check_trained_folder(out)
+    if evaluate or evaluate_only:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ctpassport-eval-") as cache:
+            ev = evaluate_demo(out, ct_dir=cfg_env.ct_data_dir, cache_dir=cache, log=log)
+        card = write_model_card(out, ev)
+        _say(quiet, f"Wrote {card}")
 
 # ------------------------------------------------------------------------------------------------
 # benchmark (issue 5)     -- commands: bench
 # ------------------------------------------------------------------------------------------------
+def _parse_cpus(text: str | None) -> list[int] | None:
+    """``"0,1"`` / ``"0-3,6"`` -> sorted CPU ids (None when not given)."""
+    if not text:
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                cpus.update(range(int(a), int(b) + 1))
+            elif part:
+                cpus.add(int(part))
+    except ValueError:
+        raise CTPassportError(f"--cpus {text!r} is not a CPU list (e.g. 0,1 or 0-3)") from None
+    import os
+
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(cpus)
+    if not cpus or not cpus <= allowed:
+        raise CTPassportError(f"--cpus {text!r}: this process may use CPUs {sorted(allowed)}")
+    return sorted(cpus)
+
+
+@app.command("bench")
+@handle_errors
+def bench_cmd(
+    input: Annotated[list[Path], typer.Option("-i", "--input", help="CT file or folder of CTs (repeatable).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report folder (results.json, report.md, plots).")],
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir (e.g. `ctpassport model standin`).")] = None,
+    configs: Annotated[str, typer.Option("--configs", help="Comma-separated: vanilla, onnx, onnx-fast, openvino, openvino-bf16, int8, optimized, gpu, torch.")] = "vanilla,onnx,optimized",
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per case and configuration.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed warm-up runs per configuration.")] = 1,
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="Also run each input resampled to this spacing, e.g. 0.8x0.8x1.5 (mm; repeatable).")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="Threads per configuration (0 = all allowed CPUs).")] = 0,
+    cpus: Annotated[str | None, typer.Option("--cpus", help="Pin every configuration to these CPUs, e.g. 0,1 or 0-3 (like taskset).")] = None,
+    price_per_hour: Annotated[float | None, typer.Option("--price-per-hour", min=0.0, help="Instance price ($/h) for the cost of 1,000 scans.")] = None,
+    passport: Annotated[bool, typer.Option("--passport/--no-passport", help="Include the passport stage in ctpassport's runs.")] = True,
+    margins: Annotated[bool, typer.Option("--margins/--no-margins", help="Agreement on confident voxels (needs the exact fp32 path's logits).")] = True,
+    passport_speed: Annotated[str, typer.Option("--passport-speed", help="Passport speed figures: quick, full, tiny or off.")] = "quick",
+    device: Annotated[str, typer.Option("--device", "-d", help="cpu or gpu (vanilla's device and what 'optimized' picks).")] = "cpu",
+    keep_outputs: Annotated[bool, typer.Option("--keep-outputs", help="Keep every configuration's label maps.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing report.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Benchmark TotalSegmentator (vanilla) against ctpassport's pipelines: speed, memory, agreement."""
+    from .bench.report import markdown_table, write_all
+    from .bench.runner import BenchSettings, resolve_configs, run_benchmark
+    from .errors import OutputExistsError
+
+    if passport_speed not in ("quick", "full", "tiny", "off"):
+        raise CTPassportError(f"--passport-speed must be quick, full, tiny or off, not {passport_speed!r}")
+    if device not in ("cpu", "gpu", "cuda"):
+        raise CTPassportError(f"--device must be cpu or gpu, not {device!r}")
+    from .bench.inputs import collect_inputs, parse_spacing
+
+    specs = resolve_configs(configs)
+    cpu_list = _parse_cpus(cpus)
+    for v in variant or []:
+        parse_spacing(v)
+    collect_inputs(list(input))  # fail on missing inputs before anything is written
+    if (output / "results.json").exists() and not force:
+        raise OutputExistsError(output / "results.json")
+    output.mkdir(parents=True, exist_ok=True)
+    parts = ["ctpassport bench"] + [f"-i {p}" for p in input] + ([f"--model {model}"] if model else [])
+    parts += [f"-o {output}", f"--configs {configs}", f"--repeat {repeat}", f"--warmup {warmup}"]
+    parts += [f"--variant {v}" for v in variant or []]
+    parts += ([f"--threads {threads}"] if threads else []) + ([f"--cpus {cpus}"] if cpus else [])
+    parts += ([f"--price-per-hour {price_per_hour:g}"] if price_per_hour is not None else [])
+    parts += ([] if passport else ["--no-passport"]) + ([] if margins else ["--no-margins"])
+    parts += ([f"--passport-speed {passport_speed}"] if passport_speed != "quick" else [])
+    parts += ([f"--device {device}"] if device != "cpu" else [])
+    settings = BenchSettings(inputs=[str(p) for p in input], model=str(model) if model else None, out_dir=output,
+                             configs=specs, repeat=repeat, warmup=warmup, variants=list(variant or []),
+                             threads=threads or None, cpus=cpu_list, price_per_hour=price_per_hour,
+                             passport=passport, margins=margins, passport_speed=passport_speed, device=device,
+                             keep_outputs=keep_outputs, command=" ".join(parts))
+    progress, task = _progress(quiet, 1, "Benchmark")
+    with progress:
+        def on_progress(done: int, total: int, what: str) -> None:
+            progress.update(task, total=total, completed=done, description=f"Benchmark: {what}"[:60])
+
+        results = run_benchmark(settings, log=lambda m: progress.update(task, description=m[:60]),
+                                progress=on_progress)
+    paths = write_all(results, output)
+    for c in results["cases"]:
+        typer.echo(f"\n{c['name']} ({' x '.join(map(str, c['shape']))}):")
+        typer.echo(markdown_table(results, c["name"]))
+    _say(quiet, "\nWrote " + ", ".join(str(p) for p in paths.values()))
+
 
 # ------------------------------------------------------------------------------------------------
 # hospital plumbing (issue 7) -- commands: batch, store, fetch-data
 # ------------------------------------------------------------------------------------------------
+store_app = typer.Typer(help="Passport store: passports and study metadata in SQLite or PostgreSQL.",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+_DB_HELP = "Store: an SQLite file or postgresql://user@host:port/db (default: $CTPASSPORT_DB or ~/.local/share/ctpassport/passports.sqlite)."
+
+
+@app.command("batch")
+@handle_errors
+def batch_cmd(
+    in_dir: Annotated[Path, typer.Argument(help="Folder of CTs: NIfTI files, DICOM folders, zips of DICOM folders.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder: one sub-folder per case, batch.json, batch.csv.")],
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Local worker processes (each loads the model once).")] = 1,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (paths must be shared).")] = None,
+    passport: Annotated[bool, typer.Option("--passport", help="Also write passport.json per case.")] = False,
+    passport_grid: Annotated[str, typer.Option("--passport-grid", help="model (3 mm grid) or output.")] = "model",
+    resume: Annotated[bool, typer.Option("--resume", help="Keep finished cases, redo the rest.")] = False,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="auto (default: the fastest backend that keeps parity on this machine, e.g. openvino-bf16 on AMX CPUs), onnxruntime (exact fp32 parity path), openvino, openvino-bf16, openvino-int8, cuda, torch.")] = None,
+    nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads per worker (0 = share the cores).")] = 0,
+    roi_subset: Annotated[list[str] | None, typer.Option("--roi_subset", "-rs", help="Keep only these classes (names).")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Redo every case of an existing batch output.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Segment every CT under IN_DIR into OUT_DIR (one folder per case; failures are recorded, the rest go on)."""
+    from .batch.runner import BatchFailed, run_batch
+    from .batch.worker import BatchOptions
+    from .segment.pipeline import classes_for
+
+    classes_for(roi_subset)
+    if passport_grid not in ("model", "output"):
+        raise CTPassportError(f"--passport-grid must be model or output, not {passport_grid!r}")
+    opts = BatchOptions(model=str(model.resolve()) if model is not None else None, backend=backend,
+                        threads=nr_thr or None, passport=passport, passport_grid=passport_grid,
+                        roi_subset=tuple(roi_subset) if roi_subset else None)
+    progress, task = _progress(quiet, 1, "Batch")
+
+    def on_plan(total: int, done: int) -> None:
+        progress.update(task, total=total, completed=done)
+        if done:
+            _say(quiet, f"Resuming: {done} of {total} cases already finished")
+
+    def on_record(rec: dict[str, Any]) -> None:
+        progress.update(task, advance=1)
+        if rec["status"] != "ok":
+            progress.console.print(f"[red]failed[/red] {rec['case_id']}: {rec['error']}", markup=True,
+                                   highlight=False)
+
+    with progress:
+        summary = run_batch(in_dir, out_dir, opts, workers=workers, scheduler=scheduler, resume=resume,
+                            force=force, on_record=on_record, on_plan=on_plan)
+    c = summary.counts()
+    _say(quiet, f"{c['ok']} of {c['total']} cases ok ({c['resumed']} from before), {c['failed']} failed; "
+                f"summary: {Path(summary.out_dir) / 'batch.json'}")
+    if c["failed"]:
+        raise BatchFailed(f"{c['failed']} of {c['total']} cases failed (see {Path(summary.out_dir) / 'batch.csv'})")
+
+
+@store_app.command("add")
+@handle_errors
+def store_add_cmd(
+    passports: Annotated[list[Path], typer.Argument(help="Passport JSON files (e.g. OUT_DIR/*/passport.json of a batch).")],
+    db: Annotated[str | None, typer.Option("--db", help=_DB_HELP)] = None,
+    ct: Annotated[Path | None, typer.Option("--ct", help="The CT the passport was made from (NIfTI, DICOM folder/zip).")] = None,
+    series_uid: Annotated[str | None, typer.Option("--series-uid", help="DICOM series of --ct (default: the largest CT series).")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study key to use (default: first 12 hex digits of the source hash).")] = None,
+    patient_id: Annotated[str | None, typer.Option("--patient-id", help="Patient id (overrides DICOM).")] = None,
+    study_date: Annotated[str | None, typer.Option("--study-date", help="YYYY-MM-DD or YYYYMMDD (overrides DICOM).")] = None,
+    modality: Annotated[str | None, typer.Option("--modality", help="e.g. CT (overrides DICOM).")] = None,
+    description: Annotated[str | None, typer.Option("--description", help="Free text.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Add passports with their study metadata (adding the same source again changes nothing)."""
+    from .passport.schema import load_passport
+    from .store.db import PassportStore
+    from .store.ingest import study_meta_for
+
+    if len(passports) > 1 and (ct is not None or study is not None):
+        raise CTPassportError("--ct and --study apply to one passport; add the others separately")
+    with PassportStore(db) as store:
+        for path in passports:
+            pp = load_passport(path)
+            meta = study_meta_for(pp, path, ct=ct, series_uid=series_uid, study_key=study, patient_id=patient_id,
+                                  study_date=study_date, modality=modality, description=description)
+            rec, created = store.add(pp, meta)
+            _say(quiet, f"{'added' if created else 'already stored'}: {rec.study_key} ({path})")
+            typer.echo(rec.study_key)
+
+
+@store_app.command("list")
+@handle_errors
+def store_list_cmd(
+    db: Annotated[str | None, typer.Option("--db", help=_DB_HELP)] = None,
+    patient_id: Annotated[str | None, typer.Option("--patient-id", help="Only this patient.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """List the stored studies."""
+    import json
+
+    from .store.db import PassportStore
+
+    with PassportStore(db) as store:
+        records = store.list(patient_id=patient_id)
+    if as_json:
+        for rec in records:
+            typer.echo(json.dumps(rec.summary()))
+        return
+    typer.echo("study\tpatient\tdate\tmodality\torgans\tsource_sha256\tadded")
+    for r in records:
+        typer.echo("\t".join(str(v if v is not None else "-") for v in (
+            r.study_key, r.patient_id, r.study_date, r.modality, r.n_organs, r.source_sha256[:16], r.added_at)))
+
+
+@store_app.command("show")
+@handle_errors
+def store_show_cmd(
+    study: Annotated[str, typer.Argument(help="Study key, id, or a unique prefix of its source hash.")],
+    db: Annotated[str | None, typer.Option("--db", help=_DB_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The record and its passport as JSON.")] = False,
+    passport_out: Annotated[Path | None, typer.Option("--passport-out", help="Write the stored passport to this file.")] = None,
+    force: Annotated[bool, typer.Option("--force", "-f")] = False,
+) -> None:
+    """Show a stored study: metadata and organs (volume mm3, centroid RAS+ mm)."""
+    from .io.atomic import check_writable
+    from .passport.schema import save_passport
+    from .store.db import PassportStore, record_json
+
+    with PassportStore(db) as store:
+        rec = store.get(study)
+    if passport_out is not None:
+        check_writable(passport_out, force)
+        save_passport(rec.load_passport(), passport_out)
+    if as_json:
+        typer.echo(record_json(rec, with_passport=True))
+        return
+    for k, v in rec.summary().items():
+        typer.echo(f"{k}: {v if v is not None else '-'}")
+    typer.echo("organs (id, name, volume mm3, centroid RAS+ mm):")
+    for o in rec.load_passport().organs:
+        c = ", ".join(f"{x:.1f}" for x in o.centroid_mm)
+        typer.echo(f"  {o.id}\t{o.name or '?'}\t{o.volume_mm3:.0f}\t({c})")
+
+
+@store_app.command("register")
+@handle_errors
+def store_register_cmd(
+    fixed_study: Annotated[str, typer.Option("--fixed-study", help="Study key (or id, hash prefix) of the fixed scan.")],
+    moving_study: Annotated[str, typer.Option("--moving-study", help="Study key of the moving scan.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for transform.h5, displacement.nii.gz, registration.json.")],
+    tier: Annotated[str, typer.Option("--tier", help="rigid or deformable.")] = "rigid",
+    method: Annotated[str | None, typer.Option("--method", help="Deformable fit (see `ctpassport register --help`).")] = None,
+    db: Annotated[str | None, typer.Option("--db", help=_DB_HELP)] = None,
+    force: Annotated[bool, typer.Option("--force", "-f")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Register two stored studies from their passports alone (no images needed); T maps fixed to moving."""
+    from .io.atomic import check_writable
+    from .store.db import PassportStore
+    from .store.registration import register_studies
+
+    check_writable(output, force)
+    with PassportStore(db) as store:
+        fixed, moving = store.get(fixed_study), store.get(moving_study)
+    result = register_studies(fixed, moving, output, tier=tier, method=method, force=force)
+    t = result.translation
+    _say(quiet, f"{tier} registration {fixed.study_key} -> {moving.study_key}: rotation "
+                f"{result.transform.rigid.angle_deg:.2f} deg, translation ({t[0]:.1f}, {t[1]:.1f}, {t[2]:.1f}) mm; "
+                f"wrote {output}")
+    typer.echo(str(output))
+
+
+@app.command("fetch-data")
+@handle_errors
+def fetch_data_cmd(
+    dataset: Annotated[str, typer.Argument(help="msd-spleen or learn2reg-lungct.")],
+    dest: Annotated[Path, typer.Option("--dest", help="Folder that receives DATASET/.")],
+    url: Annotated[str | None, typer.Option("--url", help="Download from this URL instead (a mirror).")] = None,
+    sha256: Annotated[str | None, typer.Option("--sha256", help="Expected SHA-256 of the archive.")] = None,
+    md5: Annotated[str | None, typer.Option("--md5", help="Expected MD5 of the archive.")] = None,
+    keep_archive: Annotated[bool, typer.Option("--keep-archive", help="Keep the downloaded archive in --dest.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Fetch again even when DATASET/ exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Download a public dataset (resumable, checksum-verified) and unpack it for the benchmarks."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from .fetch import fetch_dataset
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        console=Console(stderr=True), disable=quiet)
+    task = progress.add_task(dataset, total=None)
+    with progress:
+        folder = fetch_dataset(dataset, dest, url=url, sha256=sha256, md5=md5, force=force,
+                               keep_archive=keep_archive,
+                               progress=lambda got, total: progress.update(task, completed=got, total=total),
+                               say=lambda m: _say(quiet, m))
+    _say(quiet, f"Dataset in {folder}")
+    typer.echo(str(folder))
 
 # ------------------------------------------------------------------------------------------------
 # web app (issue 8)       -- commands: app
 # ------------------------------------------------------------------------------------------------
+@app.command("app")
+@handle_errors
+def app_cmd(
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port to listen on.", min=1, max=65535)] = 8501,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (default: this machine only).")] = "127.0.0.1",
+    max_upload_mb: Annotated[int, typer.Option("--max-upload-mb", envvar="CTPASSPORT_APP_MAX_UPLOAD_MB", min=1,
+                                               help="Largest upload in MB (Streamlit's default is 200).")] = 4096,
+    root: Annotated[Path | None, typer.Option("--root", help="Server folder users may open CTs from "
+                                              "(default: $CTPASSPORT_APP_ROOT; none: no server files).")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Model folder (default: installed "
+                                               "TotalSegmentator weights, else the demo model).")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Passport store: SQLite file or postgresql:// URL "
+                                           "(default: $CTPASSPORT_DB or the user's store).")] = None,
+    print_command: Annotated[bool, typer.Option("--print-command", help="Print the streamlit command and exit.")] = False,
+) -> None:
+    """Start the web app (Streamlit) on http://HOST:PORT: segment, inspect, register, download."""
+    import os
+    import shlex
+    import subprocess
+
+    from .app import streamlit_command
+    from .config import Config
+
+    cfg = Config.from_env(app_root=root)
+    env = dict(os.environ)
+    if cfg.app_root is not None:
+        app_root = Path(cfg.app_root).expanduser().resolve()
+        if not app_root.is_dir():
+            raise CTPassportError("is not a folder", app_root, "pass --root with an existing folder")
+        env["CTPASSPORT_APP_ROOT"] = str(app_root)
+    if model is not None:
+        from .model.folder import locate_model
+
+        env["CTPASSPORT_APP_MODEL"] = str(locate_model(model))
+    if db is not None:
+        env["CTPASSPORT_DB"] = db
+    cmd = streamlit_command(host=host, port=port, max_upload_mb=max_upload_mb)
+    if print_command:
+        typer.echo(shlex.join(cmd))
+        return
+    try:
+        import streamlit  # noqa: F401
+    except ImportError:
+        raise CTPassportError("the web app needs Streamlit", hint="pip install 'ctpassport[app]'") from None
+    import signal
+
+    typer.echo(f"ctpassport app on http://{host}:{port} (Ctrl+C stops it)", err=True)
+    proc = subprocess.Popen(cmd, env=env)
+    stopped: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:  # SIGTERM/SIGHUP: stop Streamlit cleanly, then exit
+        stopped.append(signum)
+        proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if code != 0 and not stopped:
+        raise CTPassportError(f"streamlit exited with code {code}")
 
 
 def main() -> None:

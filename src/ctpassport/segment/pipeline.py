@@ -12,22 +12,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from ..config import Config
 from ..errors import InputError
 from ..io.atomic import atomic_path, check_writable, write_text_atomic
-from ..io.nifti import Image3D, make_nifti, read_image, save_nifti
+from ..io.load import load_ct
+from ..io.nifti import Image3D, make_nifti, save_nifti
 from ..model.classes import resolve_roi_subset
 from ..model.export import find_or_export_onnx
 from ..model.folder import ModelFolder, load_model_folder, locate_model
 from ..types import Affine
-from .backends import Backend, create_backend, resolve_backend_name
+from .backends import Backend, create_backend, default_threads, resolve_backend_name
 from .postprocess import model_grid_labels, to_input_grid
 from .preprocess import NetworkInput, Resampled, network_input, to_model_grid
-from .sliding_window import Accumulate, argmax_channels, sliding_window_logits, tiles
+from .sliding_window import Accumulate, argmax_channels, sliding_window_labels, sliding_window_logits, tiles
+
+Mode = Literal["exact", "fast"]
 from .statistics import basic_statistics
 
 STAGES = ("load", "preprocess", "infer", "postprocess", "passport", "write")
@@ -88,19 +91,31 @@ class Segmenter:
     ``model``: a trainer folder / TotalSegmentator home / ``None`` (search like TotalSegmentator).
     ``backend``: ``auto`` or a name from :data:`~ctpassport.segment.backends.BACKENDS`.
     ``step``: sliding-window step as a fraction of the patch (TotalSegmentator uses 0.8 for ``total``).
-    ``accumulate``: ``fp16`` reproduces nnU-Net's float16 sums; ``fp32`` keeps float32.
+    ``accumulate``: ``fp16`` reproduces nnU-Net's float16 sums; ``fp32`` keeps float32 (exact mode only).
+    ``mode``: ``exact`` reproduces TotalSegmentator's arithmetic (float64 resampling, nnU-Net's float16
+    logit sums; the parity path); ``fast`` uses float32 resampling in memory order, float32 sums in a
+    sliding slab and the engine's own argmax for single-tile images (labels within the parity bars, see
+    docs/benchmark.md). Default (``None``): ``exact`` for the ``onnxruntime`` backend, ``fast`` otherwise.
     """
 
     def __init__(self, model: ModelFolder | str | Path | None = None, *, backend: str | None = None,
                  threads: int | None = None, config: Config | None = None, step: float = 0.8,
-                 accumulate: Accumulate = "fp16", batch: int = 1) -> None:
+                 accumulate: Accumulate = "fp16", batch: int = 1, mode: Mode | None = None) -> None:
         self.config = config or Config.from_env()
         t0 = time.perf_counter()
         self.model = model if isinstance(model, ModelFolder) else load_model_folder(locate_model(model))
         self.onnx_path = find_or_export_onnx(self.model, self.config.cache_dir)
         self.backend_name = resolve_backend_name(backend or self.config.backend)
         threads = threads if threads is not None else (self.config.threads or None)
-        self.backend: Backend = create_backend(self.backend_name, self.onnx_path, threads)
+        self.threads = default_threads(threads)
+        self.backend: Backend = create_backend(self.backend_name, self.onnx_path, threads, model=self.model,
+                                               cache_dir=self.config.cache_dir)
+        if mode not in (None, "exact", "fast"):
+            raise ValueError(f"mode must be 'exact' or 'fast', not {mode!r}")
+        self.mode: Mode = mode or ("exact" if self.backend_name == "onnxruntime" else "fast")
+        prepare = getattr(self.backend, "prepare", None)
+        if prepare is not None:  # compile for the patch shape now: model-load time, not the first case
+            prepare((batch if self.mode == "exact" else 1, 1, *self.model.patch_size))
         self.load_seconds = time.perf_counter() - t0
         self.step = step
         self.accumulate = accumulate
@@ -110,7 +125,11 @@ class Segmenter:
     def preprocess(self, image: Image3D) -> tuple[Resampled, NetworkInput]:
         """Canonical RAS+, resample to the model spacing, nnU-Net crop and normalisation."""
         spacing_nib = tuple(np.asarray(self.model.spacing)[np.argsort(self.model.nnunet_axes)])
-        resampled = to_model_grid(image, spacing_nib)  # type: ignore[arg-type]
+        resample = getattr(self.backend, "to_model_grid", None) if self.mode == "fast" else None
+        if resample is not None:  # e.g. the GPU backend resamples on the device
+            resampled = resample(image, spacing_nib)
+        else:
+            resampled = to_model_grid(image, spacing_nib, fast=self.mode == "fast")  # type: ignore[arg-type]
         return resampled, network_input(resampled, self.model)
 
     def n_tiles(self, net_input: NetworkInput) -> int:
@@ -119,7 +138,19 @@ class Segmenter:
 
     def infer(self, net_input: NetworkInput, *, keep_logits: bool = False,
               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Sliding-window inference; returns (labels in nnU-Net order on the cropped grid, logits or None)."""
+        """Sliding-window inference; returns (labels in nnU-Net order on the cropped grid, logits or None).
+
+        In ``fast`` mode without ``keep_logits`` the labels come from :func:`sliding_window_labels` (or the
+        backend's own device-side sliding window); logits are only computed when asked for.
+        """
+        if self.mode == "fast" and not keep_logits:
+            own = getattr(self.backend, "sliding_window_labels", None)
+            if own is not None:
+                return own(net_input.data, self.model.patch_size, self.model.num_channels_out,
+                           step=self.step, progress=progress), None
+            return sliding_window_labels(net_input.data, self.backend, self.model.patch_size,
+                                         self.model.num_channels_out, step=self.step, threads=self.threads,
+                                         progress=progress), None
         logits = sliding_window_logits(net_input.data, self.backend, self.model.patch_size,
                                        self.model.num_channels_out, step=self.step,
                                        accumulate=self.accumulate, batch=self.batch, progress=progress)
@@ -134,7 +165,8 @@ class Segmenter:
         with tm.stage("infer"):
             labels_nn, logits = self.infer(net_in, keep_logits=keep_logits, progress=progress)
         with tm.stage("postprocess"):
-            labels = to_input_grid(labels_nn, net_in, resampled, self.model)
+            zoom = getattr(self.backend, "zoom_labels", None) if self.mode == "fast" else None
+            labels = to_input_grid(labels_nn, net_in, resampled, self.model, zoom=zoom)
             mlabels = model_grid_labels(labels_nn, net_in, self.model)
         return SegmentationResult(labels=labels, affine=image.affine, header=image.header,
                                   model_labels=mlabels, model_ct=resampled.data, model_affine=resampled.affine,
@@ -190,11 +222,11 @@ def classes_for(roi_subset: list[str] | None) -> dict[int, str]:
         raise InputError(str(exc), hint="`ctpassport classes` lists the names") from None
 
 
-def load_input(path: str | Path, timings: Timings | None = None) -> Image3D:
-    """The ``load`` stage: read and validate the CT (NIfTI; DICOM where supported)."""
+def load_input(path: str | Path, timings: Timings | None = None, series_uid: str | None = None) -> Image3D:
+    """The ``load`` stage: read and validate the CT (NIfTI file, DICOM folder or zip; see ``io.load``)."""
     tm = timings or Timings()
     with tm.stage("load"):
-        return read_image(path, kind="CT")
+        return load_ct(path, series_uid=series_uid)
 
 
 def write_segmentation(labels: np.ndarray, affine: Affine, header: Any, out: Path, classes: dict[int, str],

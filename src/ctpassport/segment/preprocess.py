@@ -52,11 +52,39 @@ def zoom_output_shape(shape: tuple[int, ...], zoom: np.ndarray) -> tuple[int, ..
     return tuple(int(round(s * z)) for s, z in zip(shape, zoom))
 
 
-def to_model_grid(image: Image3D, target_spacing: tuple[float, float, float]) -> Resampled:
+def memory_order_axes(arr: np.ndarray) -> tuple[int, ...]:
+    """The axis permutation that lists ``arr``'s axes from the largest to the smallest stride.
+
+    ``arr.transpose(perm)`` walks memory (nearly) sequentially: for a Fortran-ordered NIfTI array
+    ``[i, j, k]`` it is ``(2, 1, 0)``. Processing in that order is cache-friendly; the result is
+    transposed back, so it is the same array up to its memory layout.
+    """
+    return tuple(int(a) for a in np.argsort([-abs(s) for s in arr.strides], kind="stable"))
+
+
+def zoom_linear_fast(data: np.ndarray, zoom: np.ndarray) -> np.ndarray:
+    """Order-1 ``scipy.ndimage.zoom`` (``mode="nearest"``, corner-aligned grid as TotalSegmentator) with
+    float32 output, run in memory order, truncated to int32 like ``change_spacing(..., dtype=np.int32)``.
+
+    Same interpolation as :func:`to_model_grid`'s exact path; the float32 output can move a value that lies
+    within float32 rounding of an integer across it (rare 1 HU differences), and the axes are traversed
+    in memory order (another summation order of the same 8 terms). No float64 volume is allocated.
+    """
+    perm = memory_order_axes(data)
+    inv = np.argsort(perm)
+    work = data.transpose(perm)
+    out = ndimage.zoom(work, np.asarray(zoom, dtype=np.float64)[list(perm)], output=np.float32, order=1,
+                       mode="nearest")
+    return out.astype(np.int32).transpose(inv)
+
+
+def to_model_grid(image: Image3D, target_spacing: tuple[float, float, float], *, fast: bool = False) -> Resampled:
     """Canonicalise and resample ``image`` to ``target_spacing`` (mm, nibabel axis order) like TotalSegmentator.
 
     The zoom factors are ``header_zooms / target`` and the new affine's columns are the old ones divided by
     them, exactly as ``totalsegmentator.resampling.change_spacing``; resampled values are truncated to int32.
+    ``fast``: :func:`zoom_linear_fast` (float32, memory order, no copies) instead of the bit-exact float64
+    ``ndimage.zoom``; the returned ``data`` may then be a non-contiguous view.
     """
     ro = reorientation(image.affine, image.shape)
     data_c = ro.to_canonical(image.data)
@@ -64,13 +92,18 @@ def to_model_grid(image: Image3D, target_spacing: tuple[float, float, float]) ->
     img_spacing = header_zooms(aff_c)
     new_spacing = np.asarray(target_spacing, dtype=np.float64)
     if np.array_equal(img_spacing, new_spacing):
-        return Resampled(data=np.ascontiguousarray(data_c), affine=aff_c, canonical_shape=data_c.shape,
-                         canonical_affine=aff_c, zoom=np.ones(3), resampled=False, reorient=ro)
+        return Resampled(data=data_c if fast else np.ascontiguousarray(data_c), affine=aff_c,
+                         canonical_shape=data_c.shape, canonical_affine=aff_c, zoom=np.ones(3), resampled=False,
+                         reorient=ro)
     zoom = img_spacing / new_spacing
     new_affine = aff_c.copy()
     new_affine[:3, :3] = aff_c[:3, :3] / zoom[None, :]
-    out = ndimage.zoom(np.ascontiguousarray(data_c), zoom, output=np.float64, order=1, mode="nearest")
-    return Resampled(data=out.astype(np.int32), affine=new_affine, canonical_shape=data_c.shape,
+    if fast:
+        out = zoom_linear_fast(data_c, zoom)
+    else:
+        out = ndimage.zoom(np.ascontiguousarray(data_c), zoom, output=np.float64, order=1,
+                           mode="nearest").astype(np.int32)
+    return Resampled(data=out, affine=new_affine, canonical_shape=data_c.shape,
                      canonical_affine=aff_c, zoom=zoom, resampled=True, reorient=ro)
 
 

@@ -14,7 +14,9 @@ float32 sums. All arrays are in nnU-Net axis order, channels first.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Literal
 
@@ -115,19 +117,29 @@ def sliding_window_logits(
             raise ValueError(f"network returned {out.shape[1]} channels, expected {num_classes}")
         for k, sl in enumerate(group):
             pred = out[k]
-            pred *= g32
-            region = acc[(slice(None), *sl)]
+            # One channel at a time: the same float32 products and float32 sums rounded to the accumulator's
+            # type as a whole-tile operation, with small temporaries (faster, and no tile-sized copies).
+            for c in range(num_classes):
+                p = pred[c]
+                p *= g32
+                region = acc[(c, *sl)]
+                if accumulate == "fp16":
+                    tmp = region.astype(np.float32)
+                    tmp += p
+                    region[...] = tmp  # float32 -> float16, round to nearest even (torch's cast)
+                else:
+                    region += p
             if accumulate == "fp16":
-                np.add(region, pred, out=region, dtype=np.float32, casting="unsafe")
                 np.add(weight[sl], g16, out=weight[sl], dtype=np.float32, casting="unsafe")
             else:
-                region += pred
                 weight[sl] += g32
         if progress is not None:
             progress(len(group))
     acc = acc[(slice(None), *unpad)]
     weight = weight[unpad]
-    np.divide(acc, weight, out=acc, dtype=np.float32, casting="unsafe")
+    w32 = weight.astype(np.float32)
+    for c in range(num_classes):
+        np.divide(acc[c], w32, out=acc[c], dtype=np.float32, casting="unsafe")
     return acc
 
 
@@ -141,3 +153,122 @@ def top2_margin(logits: np.ndarray) -> np.ndarray:
     """Difference between the largest and second-largest logit per voxel (float32)."""
     part = np.partition(logits.astype(np.float32), -2, axis=0)
     return part[-1] - part[-2]
+
+
+# ------------------------------------------------------------------------------------------------
+# fast path: labels without materialising the aggregated logits of the whole volume
+# ------------------------------------------------------------------------------------------------
+def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``[start, stop)`` ranges covering ``range(n)`` (empty ones dropped)."""
+    edges = np.linspace(0, n, max(1, parts) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
+
+
+def argmax_into(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out[...] = argmax(values, axis=0)`` (first maximum on ties) with one pass per channel.
+
+    ``values``: ``(C, ...)`` float32 (any strides); ``out``: integer array of shape ``values.shape[1:]``.
+    Equal to ``np.argmax`` for NaN-free input, and much faster than its strided reduction over axis 0.
+    """
+    best = np.array(values[0], dtype=np.float32, copy=True)
+    out[...] = 0
+    mask = np.empty(best.shape, dtype=bool)
+    for c in range(1, values.shape[0]):
+        v = values[c]
+        np.greater(v, best, out=mask)
+        np.copyto(out, c, where=mask)
+        np.maximum(best, v, out=best)
+    return out
+
+
+def _parallel(pool: ThreadPoolExecutor | None, fn: Callable[[int, int], None], n: int, parts: int) -> None:
+    ranges = _chunks(n, parts)
+    if pool is None or len(ranges) == 1:
+        for a, b in ranges:
+            fn(a, b)
+        return
+    for fut in [pool.submit(fn, a, b) for a, b in ranges]:
+        fut.result()
+
+
+def sliding_window_labels(
+    data: np.ndarray,
+    predict: PredictFn,
+    patch: tuple[int, ...],
+    num_classes: int,
+    *,
+    step: float = 0.8,
+    threads: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Labels (argmax of the Gaussian-weighted tile logits) of ``data`` (1, d0, d1, d2), nnU-Net order.
+
+    Same tiles, padding and Gaussian as :func:`sliding_window_logits`, accumulated in float32 and without
+    the final division (the summed weights are one positive number per voxel, shared by all channels, so
+    they cannot change the argmax). Memory: the accumulator is a sliding slab of one patch depth along
+    axis 0 (``C x P0 x d1 x d2`` float32), rows are turned into labels as soon as no later tile touches
+    them. A single-tile image with a backend offering ``predict_labels`` never leaves the engine: the
+    argmax is computed there. ``threads`` NumPy worker threads split channels (sums) and rows (argmax).
+    Returns uint8 labels ``(d0, d1, d2)`` on the unpadded grid.
+    """
+    if num_classes > 256:
+        raise ValueError("the fast path stores labels as uint8 (at most 256 classes)")
+    padded, unpad = pad_to_patch(data, patch)
+    space = padded.shape[1:]
+    slicers = tiles(space, patch, step)
+    if len(slicers) == 1 and hasattr(predict, "predict_labels"):
+        labels = predict.predict_labels(padded[None])[0]  # type: ignore[attr-defined]
+        if progress is not None:
+            progress(1)
+        return np.ascontiguousarray(labels[unpad])
+    g32 = gaussian_importance(tuple(patch)).astype(np.float32)
+    labels = np.empty(space, dtype=np.uint8)
+    p0 = patch[0]
+    acc = np.zeros((num_classes, p0, *space[1:]), dtype=np.float32)
+    window0 = slicers[0][0].start  # absolute row of acc[:, 0]
+    pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+
+    def finalize(rows: int) -> None:
+        def run(a: int, b: int) -> None:
+            argmax_into(acc[:, a:b], labels[window0 + a:window0 + b])
+        _parallel(pool, run, rows, threads)
+
+    try:
+        for sl in slicers:
+            start0 = sl[0].start
+            if start0 != window0:  # rows before the new start are final: label them, slide the slab
+                shift = start0 - window0
+                finalize(shift)
+
+                def slide(a: int, b: int, shift: int = shift) -> None:
+                    for c in range(a, b):
+                        acc[c, :p0 - shift] = acc[c, shift:]
+                        acc[c, p0 - shift:] = 0
+                _parallel(pool, slide, num_classes, threads)
+                window0 = start0
+            out = predict(padded[(slice(None), *sl)][None])
+            if out.shape[1] != num_classes:
+                raise ValueError(f"network returned {out.shape[1]} channels, expected {num_classes}")
+            pred = out[0]
+            if len(slicers) == 1:  # one tile: the weights cancel in the argmax
+                def direct(a: int, b: int, pred: np.ndarray = pred) -> None:
+                    argmax_into(pred[:, a:b], labels[a:b])
+                _parallel(pool, direct, p0, threads)
+                if progress is not None:
+                    progress(1)
+                return np.ascontiguousarray(labels[unpad])
+
+            def add(a: int, b: int, pred: np.ndarray = pred, sl: tuple[slice, ...] = sl) -> None:
+                for c in range(a, b):
+                    p = pred[c]
+                    np.multiply(p, g32, out=p)
+                    region = acc[c, :, sl[1], sl[2]]
+                    region += p
+            _parallel(pool, add, num_classes, threads)
+            if progress is not None:
+                progress(1)
+        finalize(p0)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return np.ascontiguousarray(labels[unpad])

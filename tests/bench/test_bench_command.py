@@ -1,0 +1,143 @@
+"""`ctpassport bench` on a tiny configuration: it runs vanilla TotalSegmentator and two ctpassport pipelines,
+and writes results.json, report.md, latency.png and dice.png, which are read back and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctpassport.bench.memory import PeakMemory, reset_peak
+from ctpassport.bench.metrics import agreement, dice_per_class, summarize
+from ctpassport.cli import app
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+# ------------------------------------------------------------------------------------------------
+def test_dice_and_agreement_analytic() -> None:
+    ref = np.zeros((10, 10, 10), np.uint8)
+    ref[:5] = 1  # 500 voxels
+    ref[5:, :2] = 2  # 100 voxels
+    pred = ref.copy()
+    pred[:5, :5] = 0  # organ 1 loses half
+    pred[9, 9, 9] = 3  # an extra organ
+    d = dice_per_class(pred, ref)
+    assert d[1] == pytest.approx(2 * 250 / (250 + 500))
+    assert d[2] == 1.0 and d[3] == 0.0
+    names = {1: "spleen", 2: "liver", 3: "stomach"}
+    margin = np.zeros(ref.shape, np.float16)
+    margin[5:] = 1.0
+    margin[9, 9, 9] = 0.0  # confident only where both agree
+    a = agreement(pred, ref, names, margin)
+    assert a["organs_missing"] == [] and a["organs_extra"] == ["stomach"]
+    assert a["mean_dice"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert a["agreement_margin_0.5"] == 1.0 and a["confident_fraction_0.5"] == 0.499
+    assert a["voxel_agreement"] == pytest.approx(1 - 251 / 1000)
+    s = summarize([3.0, 1.0, 2.0, 10.0])
+    assert s["min"] == 1.0 and s["median"] == 2.5 and s["max"] == 10.0 and 3.0 < s["p95"] < 10.0
+
+
+def test_peak_memory_is_per_run_not_per_process() -> None:
+    if not reset_peak():
+        pytest.skip("the kernel does not allow resetting VmHWM here")
+    with PeakMemory(interval=0.005) as big:
+        block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+        time.sleep(0.05)
+        del block
+    with PeakMemory(interval=0.005) as small:
+        time.sleep(0.05)
+    assert big.peak_mib - small.peak_mib > 250  # ru_maxrss would report the 300 MiB again
+    assert "clear_refs" in big.method
+
+
+# ------------------------------------------------------------------------------------------------
+# the command, end to end
+# ------------------------------------------------------------------------------------------------
+def _png(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(path))
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200, img.shape
+    assert float(img[..., :3].std()) > 0.02  # not a blank canvas
+    return img
+
+
+@pytest.mark.vanilla
+@pytest.mark.torch
+@pytest.mark.slow
+def test_bench_tiny_end_to_end(tiny_home: Path, ct_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    args = ["bench", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "--model", str(tiny_home), "-o", str(out),
+            "--configs", "vanilla,onnx,optimized", "--repeat", "1", "--warmup", "0", "--variant", "2x2x2",
+            "--price-per-hour", "0.5", "--threads", "2", "--cpus", ",".join(map(str, sorted(os.sched_getaffinity(0)))),
+            "--passport-speed", "tiny", "-q"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output + (str(res.exception) if res.exception else "")
+    assert "| optimized |" in res.stdout or "| **optimized** |" in res.stdout
+
+    r = json.loads((out / "results.json").read_text())
+    assert r["machine"]["cpu_model"] and r["machine"]["libraries"]["numpy"]
+    assert r["machine"]["logical_cpus"] >= 1 and "amx_bf16" in r["machine"]["cpu_features"]
+    assert [c["name"] for c in r["cases"]] == ["example_ct_sm", "example_ct_sm_2x2x2mm"]
+    assert r["cases"][1]["spacing_mm"] == [2.0, 2.0, 2.0] and r["cases"][1]["shape"] == [183, 152, 45]
+    assert len(r["runs"]) == 2 * 3  # cases x configurations x repeats
+    for run in r["runs"]:
+        assert run["total_s"] > 0 and run["peak_mem_mb"] > 50 and run["cpu_s"] > 0
+        assert sum(run["seconds"].values()) == pytest.approx(run["total_s"], rel=1e-3, abs=1e-3)
+        if run["config"] == "vanilla":
+            assert {"infer", "model_init", "write"} <= set(run["seconds"])
+        else:
+            assert {"load", "preprocess", "infer", "postprocess", "passport", "write"} <= set(run["seconds"])
+    assert r["configs"]["onnx"]["backend"] == "onnxruntime" and r["configs"]["onnx"]["mode"] == "exact"
+    assert r["configs"]["optimized"]["mode"] == "fast"
+    assert r["configs"]["vanilla"]["threads"] == 2
+    for case in ("example_ct_sm", "example_ct_sm_2x2x2mm"):
+        per = r["summary"][case]
+        assert per["vanilla"]["speedup_median"] == pytest.approx(1.0)
+        for name in ("onnx", "optimized"):
+            e = per[name]
+            assert e["speedup_median"] == pytest.approx(per["vanilla"]["total_s"]["median"] / e["total_s"]["median"])
+            assert e["scans_per_hour"] == pytest.approx(3600 / e["total_s"]["median"])
+            assert e["cost_per_1000_scans"] == pytest.approx(0.5 * 1000 / e["scans_per_hour"])
+            a = r["agreement"][case][name]
+            assert 0 <= a["mean_dice"] <= 1 and 0 <= a["voxel_agreement"] <= 1
+            assert a["agreement_margin_0.5"] is None or a["agreement_margin_0.5"] >= 0.99
+        # the exact path reproduces TotalSegmentator even with a random tiny network
+        assert r["agreement"][case]["onnx"]["agreement_margin_0.1"] >= 0.999
+    assert r["settings"]["reference"] == "vanilla" and r["settings"]["cpus"]
+    assert "maps" in r["passport_speed"] and r["passport_speed"]["maps"]["3mm"]["build_passport"]["median_s"] > 0
+    assert "optimized" in r["targets"]
+
+    md = (out / "report.md").read_text()
+    assert "ctpassport bench -i" in md and "--configs vanilla,onnx,optimized" in md
+    for needle in ("| configuration | backend | median s | min s | p95 s | speedup (median)", "## Stages",
+                   "## Throughput and cost", "$0.5/h", "## Passport speed", "## Targets", "example_ct_sm_2x2x2mm"):
+        assert needle in md, needle
+    for name in ("vanilla", "onnx", "optimized"):
+        assert f"| {name} |" in md or f"| **{name}** |" in md
+    _png(out / "latency.png")
+    _png(out / "dice.png")
+    assert not (out / "outputs").exists()  # label maps are removed unless --keep-outputs
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 4 and "--force" in again.stderr
+
+
+def test_bench_rejects_bad_options(tmp_path: Path, ct_dir: Path) -> None:
+    ct = str(ct_dir / "example_ct_sm.nii.gz")
+    res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--configs", "vanilla,fastest"])
+    assert res.exit_code != 0 and "fastest" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(app, ["bench", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "no such file" in res.stderr
+    res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--variant", "0.8xfoo"])
+    assert res.exit_code != 0 and "spacing" in res.stderr
+    res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--cpus", "999"])
+    assert res.exit_code != 0 and "--cpus" in res.stderr

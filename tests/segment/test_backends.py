@@ -1,0 +1,320 @@
+"""Backends and the fast pipeline: automatic choice, engine-side argmax, the sliding slab, fast resampling,
+the PyTorch (GPU code) path on the CPU, int8 quantisation on a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ctpassport.errors import ModelError
+from ctpassport.segment import backends as B
+from ctpassport.segment.postprocess import zoom_labels
+from ctpassport.segment.preprocess import memory_order_axes, zoom_linear_fast
+from ctpassport.segment.sliding_window import (
+    argmax_channels,
+    argmax_into,
+    sliding_window_labels,
+    sliding_window_logits,
+    top2_margin,
+)
+
+needs_openvino = pytest.mark.skipif(not B.openvino_available(), reason="openvino is not installed")
+
+
+# ------------------------------------------------------------------------------------------------
+# choice of backend
+# ------------------------------------------------------------------------------------------------
+def test_auto_backend_follows_cpu_features() -> None:
+    expected = ("openvino-bf16" if B.native_bf16() else "openvino") if B.openvino_available() else "onnxruntime"
+    assert B.auto_backend("cpu") == expected == B.resolve_backend_name("auto")
+    assert B.resolve_backend_name("onnxruntime") == "onnxruntime"
+    assert "openvino-int8" != B.auto_backend("cpu")  # int8 misses the parity bar: never automatic
+
+
+def test_unknown_and_unavailable_backends() -> None:
+    with pytest.raises(ModelError, match="unknown backend"):
+        B.resolve_backend_name("tensorflow")
+    if not B.cuda_available():
+        with pytest.raises(ModelError, match="cannot run on this machine"):
+            B.resolve_backend_name("cuda")
+    status = B.backend_status()
+    assert status["onnxruntime"] == "available" and set(status) == set(B.BACKENDS)
+
+
+def test_cpu_flags_and_name() -> None:
+    assert isinstance(B.cpu_flags(), frozenset)
+    assert B.cpu_model_name()
+
+
+# ------------------------------------------------------------------------------------------------
+# fast argmax and sliding window (NumPy)
+# ------------------------------------------------------------------------------------------------
+def test_argmax_into_equals_numpy_with_ties(rng: np.random.Generator) -> None:
+    v = rng.integers(0, 4, (7, 9, 10, 11)).astype(np.float32)  # many ties
+    out = np.empty(v.shape[1:], np.uint8)
+    np.testing.assert_array_equal(argmax_into(v, out), np.argmax(v, axis=0))
+    strided = v[:, ::2, 1:, ::-1]
+    out2 = np.empty(strided.shape[1:], np.int16)
+    np.testing.assert_array_equal(argmax_into(strided, out2), np.argmax(strided, axis=0))
+
+
+class _Net:
+    """Deterministic per-voxel network with spatially varying logits (no ties), NumPy."""
+
+    def __init__(self, c: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.w = rng.standard_normal(c).astype(np.float32)
+        self.b = rng.standard_normal(c).astype(np.float32)
+        self.calls = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        _, _, *sp = x.shape
+        grid = np.add.outer(np.add.outer(np.arange(sp[0]), 2 * np.arange(sp[1])), 3 * np.arange(sp[2])) % 11
+        out = x * self.w[None, :, None, None, None] + self.b[None, :, None, None, None]
+        return (out + 0.05 * np.sin(grid)[None, None] * self.w[None, :, None, None, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 25), (45, 37, 50), (16, 16, 16)])
+def test_sliding_window_labels_match_full_accumulation(shape: tuple[int, int, int],
+                                                       rng: np.random.Generator) -> None:
+    patch, c = (16, 16, 16), 6
+    data = rng.standard_normal((1, *shape)).astype(np.float32)
+    net = _Net(c)
+    labels = sliding_window_labels(data, net, patch, c, step=0.5, threads=2)
+    logits = sliding_window_logits(data, _Net(c), patch, c, step=0.5, accumulate="fp32")
+    ref = argmax_channels(logits)
+    assert labels.shape == shape and labels.dtype == np.uint8
+    margin = top2_margin(logits)
+    clear = margin > 1e-4 * np.abs(logits).max(axis=0)  # the division by the weights may round near-ties
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(labels[clear], ref[clear])
+
+
+def test_single_tile_uses_engine_argmax(rng: np.random.Generator) -> None:
+    class WithArgmax(_Net):
+        def predict_labels(self, x: np.ndarray) -> np.ndarray:
+            self.label_calls = getattr(self, "label_calls", 0) + 1
+            return np.argmax(self(x), axis=1).astype(np.uint8)
+
+    net = WithArgmax(5)
+    data = rng.standard_normal((1, 12, 14, 9)).astype(np.float32)
+    labels = sliding_window_labels(data, net, (16, 16, 16), 5)
+    assert net.label_calls == 1 and labels.shape == (12, 14, 9)
+    ref = argmax_channels(sliding_window_logits(data, _Net(5), (16, 16, 16), 5, accumulate="fp32"))
+    assert (labels == ref).mean() > 0.999
+
+
+# ------------------------------------------------------------------------------------------------
+# resampling: layouts and the fast order-1 zoom
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_zoom_labels_keeps_layout_and_equals_scipy(order: str, rng: np.random.Generator) -> None:
+    lab = np.asarray(rng.integers(0, 118, (13, 11, 7)).astype(np.uint8), order=order)
+    target = (40, 31, 20)
+    got = zoom_labels(lab, target)
+    ref = ndimage.zoom(np.ascontiguousarray(lab), np.array(target) / np.array(lab.shape), order=0, mode="nearest")
+    np.testing.assert_array_equal(got, ref)
+    assert got.flags.f_contiguous if order == "F" else got.flags.c_contiguous
+    assert memory_order_axes(got) == ((2, 1, 0) if order == "F" else (0, 1, 2))
+
+
+def test_zoom_linear_fast_matches_exact_resampling(rng: np.random.Generator) -> None:
+    base = ndimage.gaussian_filter(rng.standard_normal((60, 50, 40)), 3) * 3000
+    data = np.asfortranarray(base.astype(np.int16))
+    zoom = np.array([0.8 / 3, 0.8 / 3, 1.5 / 3]) * 3
+    exact = ndimage.zoom(np.ascontiguousarray(data), zoom, output=np.float64, order=1, mode="nearest").astype(np.int32)
+    fast = zoom_linear_fast(data, zoom)
+    assert fast.shape == exact.shape and fast.dtype == np.int32
+    diff = np.abs(fast.astype(np.int64) - exact)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenVINO on the stand-in
+# ------------------------------------------------------------------------------------------------
+@needs_openvino
+def test_openvino_fp32_matches_onnxruntime(segmenter, rng: np.random.Generator) -> None:  # type: ignore[no-untyped-def]
+    ov = B.OpenVinoBackend(segmenter.onnx_path, 2, precision="fp32")
+    x = rng.standard_normal((1, 1, 32, 48, 32)).astype(np.float32)
+    ref = segmenter.backend(x)
+    got = np.array(ov(x))
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 5e-2
+    labels = ov.predict_labels(x)
+    assert labels.shape == (1, 32, 48, 32) and labels.dtype == np.uint8
+    assert (labels == np.argmax(ref, axis=1)).mean() > 0.99
+
+
+# ------------------------------------------------------------------------------------------------
+# the PyTorch path (GPU code) on the CPU: bit-identical to the exact NumPy sliding window
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.torch
+@pytest.mark.parametrize("shape", [(20, 40, 25), (16, 16, 16)])
+def test_torch_sliding_window_equals_exact_numpy(shape: tuple[int, int, int], rng: np.random.Generator) -> None:
+    torch = pytest.importorskip("torch")
+    from ctpassport.segment.gpu import TorchBackend
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.LeakyReLU(0.01),
+                              torch.nn.Conv3d(4, 7, 1))
+    be = TorchBackend(None, device="cpu", net=net, threads=2, batch=3)
+    data = rng.standard_normal((1, *shape)).astype(np.float32)
+    got = be.sliding_window_labels(data, (16, 16, 16), 7, step=0.5)
+    ref = argmax_channels(sliding_window_logits(data, be, (16, 16, 16), 7, step=0.5, accumulate="fp16"))
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.torch
+def test_torch_resampling_matches_scipy(rng: np.random.Generator) -> None:
+    pytest.importorskip("torch")
+    from ctpassport.segment.gpu import resample_linear, zoom_labels_torch
+
+    data = (ndimage.gaussian_filter(rng.standard_normal((30, 28, 20)), 2) * 2000).astype(np.int16)
+    zoom = np.array([0.4, 0.55, 1.7])
+    exact = ndimage.zoom(data, zoom, output=np.float64, order=1, mode="nearest").astype(np.int32)
+    got = resample_linear(data, zoom, "cpu")
+    assert got.shape == exact.shape
+    assert np.abs(got.astype(np.int64) - exact).max() <= 1
+    lab = rng.integers(0, 50, (9, 8, 7)).astype(np.uint8)
+    np.testing.assert_array_equal(zoom_labels_torch(lab, (20, 17, 30), "cpu"), zoom_labels(lab, (20, 17, 30)))
+
+
+@pytest.mark.skipif(not B.cuda_available(), reason="no CUDA GPU on this machine [allowed]")
+def test_cuda_path_agrees_with_exact_on_example_ct(segmenter, standin_home: Path,  # type: ignore[no-untyped-def]
+                                                   example_ct: Path) -> None:
+    from ctpassport.io.nifti import read_image
+    from ctpassport.segment.pipeline import Segmenter
+
+    gpu = Segmenter(standin_home, backend="cuda", config=segmenter.config)
+    img = read_image(example_ct)
+    ref = segmenter.segment(img, keep_logits=True)
+    got = gpu.segment(img)
+    res, net_in = segmenter.preprocess(img)
+    from ctpassport.segment.postprocess import to_input_grid
+
+    assert ref.logits is not None
+    margin = to_input_grid(top2_margin(ref.logits), net_in, res, segmenter.model)
+    conf = margin > 0.5
+    assert (got.labels[conf] == ref.labels[conf]).mean() >= 0.999
+
+
+# ------------------------------------------------------------------------------------------------
+# int8: quantisation pipeline on a tiny model (fast), calibrated on the real CT
+# ------------------------------------------------------------------------------------------------
+@needs_openvino
+@pytest.mark.torch
+def test_int8_quantisation_runs_on_real_ct_calibration(tmp_path: Path, ct_dir: Path, onnx_cache: Path) -> None:
+    pytest.importorskip("nncf")
+    from ctpassport.bench.tiny import make_tiny_home
+    from ctpassport.config import Config
+    from ctpassport.io.nifti import read_image
+    from ctpassport.segment.pipeline import Segmenter
+    from ctpassport.segment.quantize import calibration_inputs, find_or_quantize_int8
+
+    home = make_tiny_home(tmp_path / "tiny")
+    cfg = Config.from_env(cache_dir=tmp_path / "cache")
+    exact = Segmenter(home, backend="onnxruntime", config=cfg)
+    calib = calibration_inputs(exact.model, [ct_dir / "example_ct_sm.nii.gz"], n=4)
+    assert len(calib) == 4 and all(c.shape == (1, 1, 32, 32, 32) and c.dtype == np.float32 for c in calib)
+    assert np.abs(calib[0]).max() > 0  # real CT, normalised
+    xml = find_or_quantize_int8(exact.model, exact.onnx_path, cfg.cache_dir, [ct_dir / "example_ct_sm.nii.gz"])
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    assert find_or_quantize_int8(exact.model, exact.onnx_path, cfg.cache_dir,
+                                 [ct_dir / "example_ct_sm.nii.gz"]) == xml  # cached
+    int8 = Segmenter(home, backend="openvino-int8", config=cfg)
+    img = read_image(ct_dir / "example_ct_sm.nii.gz")
+    lab = int8.segment(img).labels
+    assert lab.shape == img.shape and lab.dtype == np.uint8
+
+
+# ------------------------------------------------------------------------------------------------
+# `ctpassport segment --backend`
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.torch
+def test_segment_cli_backend_option(tmp_path: Path, ct_dir: Path, onnx_cache: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctpassport.bench.tiny import make_tiny_home
+    from ctpassport.cli import app
+
+    home = make_tiny_home(tmp_path / "tiny")
+    ct = str(ct_dir / "example_ct_sm.nii.gz")
+    runner = CliRunner()
+    labels = {}
+    for backend in ["onnxruntime", "auto"] + (["openvino"] if B.openvino_available() else []):
+        out, tj = tmp_path / f"{backend}.nii.gz", tmp_path / f"{backend}.json"
+        res = runner.invoke(app, ["segment", "-i", ct, "-o", str(out), "--ml", "--model", str(home), "--backend",
+                                  backend, "--timings", str(tj), "-q"])
+        assert res.exit_code == 0, res.output
+        t = json.loads(tj.read_text())
+        assert t["backend"] == (B.auto_backend() if backend == "auto" else backend)
+        import nibabel as nib
+
+        labels[backend] = np.asanyarray(nib.load(str(out)).dataobj)
+    assert labels["auto"].shape == labels["onnxruntime"].shape
+    res = runner.invoke(app, ["segment", "-i", ct, "-o", str(tmp_path / "x.nii.gz"), "--ml", "--model", str(home),
+                              "--backend", "tensorflow", "-q"])
+    assert res.exit_code == 3 and "unknown backend" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    if not B.cuda_available():
+        res = runner.invoke(app, ["segment", "-i", ct, "-o", str(tmp_path / "g.nii.gz"), "--ml", "--model",
+                                  str(home), "--device", "gpu", "-q"])
+        assert res.exit_code == 3 and "no CUDA GPU" in res.stderr
+
+
+@pytest.mark.torch
+def test_torch_gather_keeps_fortran_layout(rng: np.random.Generator) -> None:
+    pytest.importorskip("torch")
+    from ctpassport.segment.gpu import resample_linear, zoom_labels_torch
+
+    lab = np.asfortranarray(rng.integers(0, 50, (9, 8, 7)).astype(np.uint8))
+    got = zoom_labels_torch(lab, (20, 17, 30), "cpu")
+    assert got.flags.f_contiguous
+    np.testing.assert_array_equal(got, zoom_labels(np.ascontiguousarray(lab), (20, 17, 30)))
+    data = np.asfortranarray(rng.integers(-1000, 1000, (12, 10, 9)).astype(np.int16))
+    np.testing.assert_array_equal(resample_linear(data, np.array([0.5, 1.5, 1.0]), "cpu"),
+                                  resample_linear(np.ascontiguousarray(data), np.array([0.5, 1.5, 1.0]), "cpu"))
+
+
+@pytest.mark.torch
+def test_torch_backend_full_pipeline_on_cpu(tmp_path: Path, ct_dir: Path) -> None:
+    """The GPU pipeline (device resampling, device sliding window, device label gather) run on the CPU with
+    a tiny network: it agrees with the exact ONNX Runtime path wherever the logits are not near-ties."""
+    pytest.importorskip("torch")
+    from ctpassport.bench.tiny import make_tiny_home
+    from ctpassport.config import Config
+    from ctpassport.io.nifti import read_image
+    from ctpassport.segment.pipeline import Segmenter
+    from ctpassport.segment.postprocess import to_input_grid
+
+    home = make_tiny_home(tmp_path / "tiny")
+    cfg = Config.from_env(cache_dir=tmp_path / "cache")
+    exact = Segmenter(home, backend="onnxruntime", config=cfg)
+    dev = Segmenter(home, backend="torch", config=cfg)
+    assert dev.mode == "fast" and dev.backend_name == "torch"
+    # a resampled, reoriented input exercises the device resampling both ways
+    import nibabel as nib
+
+    src = nib.load(str(ct_dir / "example_ct_sm.nii.gz"))
+    data = np.asanyarray(src.dataobj).astype(np.int16)
+    fine = ndimage.zoom(data.astype(np.float32), (1.5, 1.5, 2.0), order=1)[::-1].astype(np.int16)
+    aff = src.affine.copy()
+    aff[:3, :3] = src.affine[:3, :3] / np.array([1.5, 1.5, 2.0])
+    aff[:3, 0] *= -1
+    path = tmp_path / "fine_lps.nii.gz"
+    nib.save(nib.Nifti1Image(fine, aff), str(path))
+    img = read_image(path)
+    ref = exact.segment(img, keep_logits=True)
+    got = dev.segment(img)
+    assert got.labels.shape == img.shape == ref.labels.shape
+    res, net_in = exact.preprocess(img)
+    assert ref.logits is not None
+    margin = to_input_grid(top2_margin(ref.logits), net_in, res, exact.model)
+    conf = margin > 0.05
+    assert conf.mean() > 0.3
+    assert (got.labels[conf] == ref.labels[conf]).mean() > 0.999
