@@ -58,7 +58,7 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(75) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except Exception as exc:  # noqa: BLE001 - last resort: still one line, no traceback
+        except Exception as exc:
             if _STATE["debug"]:
                 raise
             first = (str(exc).splitlines() or [""])[0][:300]
@@ -86,9 +86,8 @@ def main_callback(
 
 def _progress(quiet: bool, total: int, description: str) -> Any:
     """A rich progress bar (a no-op when quiet or when stderr is not a terminal and quiet)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=Console(stderr=True), disable=quiet, transient=False)
@@ -585,9 +584,9 @@ def demo_cmd(
 def model_train_demo_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Trainer folder to write (default: the embedded demo model's folder).")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 1000,
-    crop: Annotated[int, typer.Option("--crop", min=16, max=128, help="Random crop size (voxels of the 3 mm grid, per axis; a multiple of 16).")] = 64,
-    crop_start: Annotated[int, typer.Option("--crop-start", min=16, max=128, help="Smaller crops for the first --crop-switch of the steps.")] = 48,
-    crop_switch: Annotated[float, typer.Option("--crop-switch", min=0.0, max=1.0, help="Fraction of the steps trained on --crop-start crops.")] = 0.6,
+    crop: Annotated[str, typer.Option("--crop", help="Crop size z,y,x (voxels of the 3 mm grid, nnU-Net order; multiples of 16).")] = "32,112,128",
+    crop_start: Annotated[str | None, typer.Option("--crop-start", help="Other crops z,y,x for the first --crop-switch of the steps.")] = None,
+    crop_switch: Annotated[float, typer.Option("--crop-switch", min=0.0, max=1.0, help="Fraction of the steps trained on --crop-start crops.")] = 0.0,
     batch: Annotated[int, typer.Option("--batch", min=1, max=8, help="Crops per step.")] = 1,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or sgd (nnU-Net's).")] = "adamw",
     lr: Annotated[float, typer.Option("--lr", help="Peak (adamw) or initial (sgd) learning rate.")] = 3e-3,
@@ -597,6 +596,9 @@ def model_train_demo_cmd(
     threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads for torch.")] = 2,
     work_dir: Annotated[Path | None, typer.Option("--work-dir", help="Resumable training state (default: beside the output).")] = None,
     init_from: Annotated[Path | None, typer.Option("--init-from", help="Start from this trained model folder (a further training stage).")] = None,
+    class_power: Annotated[float, typer.Option("--class-power", min=0.0, max=1.0, help="Crop centres: pick a class with probability ~ voxel count ** this (0 = all classes alike).")] = 0.5,
+    ce_class_power: Annotated[float, typer.Option("--ce-class-power", min=0.0, max=1.0, help="Cross-entropy class weights ~ voxel count ** -this (0 = unweighted).")] = 0.0,
+    source_weights: Annotated[str | None, typer.Option("--source-weights", help="Sampling weights phantom,example_ct_sm,example_ct (default 0.65,0.15,0.2).")] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Measure Dice per source and write MODEL_CARD.md.")] = True,
     evaluate_only: Annotated[bool, typer.Option("--evaluate-only", help="Only evaluate an existing model and rewrite its card.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing model.")] = False,
@@ -611,10 +613,31 @@ def model_train_demo_cmd(
     out = output or DEMO_DIR
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     if not evaluate_only:
-        cfg = TrainConfig(seed=seed, steps=steps, crop=crop, crop_start=crop_start, crop_switch=crop_switch,
+        def zyx(text: str) -> tuple[int, int, int]:
+            try:
+                vals = tuple(int(v) for v in text.split(","))
+            except ValueError:
+                vals = ()
+            if len(vals) == 1:
+                vals = vals * 3
+            if len(vals) != 3:
+                raise CTPassportError(f"crop {text!r} must be one or three integers (z,y,x)")
+            return vals  # type: ignore[return-value]
+
+        cfg = TrainConfig(seed=seed, steps=steps, crop=zyx(crop), crop_start=zyx(crop_start) if crop_start else None,
+                          crop_switch=crop_switch,
                           batch=batch, optimizer=optimizer, lr=lr, head_lr_mult=head_lr_mult, n_phantoms=phantoms,
                           threads=threads,
-                          init_from=str(init_from) if init_from else None)
+                          init_from=str(init_from) if init_from else None, class_power=class_power,
+                          ce_class_power=ce_class_power)
+        if source_weights:
+            try:
+                sw = [float(v) for v in source_weights.split(",")]
+            except ValueError:
+                sw = []
+            if len(sw) != 3 or min(sw) < 0 or sum(sw) <= 0:
+                raise CTPassportError(f"--source-weights {source_weights!r} must be three non-negative numbers")
+            cfg.source_weights = dict(zip(("phantom", "example_ct_sm", "example_ct"), sw))
         train_demo(out, ct_dir=cfg_env.ct_data_dir, cfg=cfg, work_dir=work_dir, force=force, log=log)
     else:
         check_trained_folder(out)

@@ -260,7 +260,7 @@ def test_phantom_registration_in_browser(server: dict[str, Any], page: Any, tmp_
     toggle.locator("label").click()
     page.wait_for_timeout(500)
     page.get_by_role("button", name="Generate phantom").click()
-    page.get_by_text("Phantom 1 baseline (3 mm)").wait_for()
+    page.get_by_text("Phantom 1 baseline (3 mm)").first.wait_for()
     page.get_by_role("tab", name="Registration").click()
     page.get_by_role("button", name="Register").click()
     page.get_by_text("TRE (true error)").wait_for(timeout=120_000)

@@ -119,7 +119,7 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
     else:
         if case == "not_an_object":
             doc: object = [1, 2, 3]
-            words = ("not a valid passport",)
+            words = ("passport must hold a JSON object",)
         elif case == "bad_version":
             good["schema_version"] = "9.0"
             doc, words = good, ("schema_version", "unsupported")

@@ -60,7 +60,10 @@ def test_matches_nnunet_predictor(shape: tuple[int, int, int]) -> None:
     from types import SimpleNamespace
 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+    from nnunetv2.inference.sliding_window_prediction import (
+        compute_gaussian,
+        compute_steps_for_sliding_window,
+    )
 
     patch, c = (24, 32, 16), 5
     net = _LinearNet(c)

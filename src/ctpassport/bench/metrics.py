@@ -37,9 +37,18 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray) -> dict[int, float]:
     return out
 
 
+#: Organs smaller than this in both label maps (ml) are left out of ``mean_dice_1ml``: a few-voxel fragment's
+#: Dice is 0, 0.5 or 1 on a single near-tie voxel, which says nothing about a pipeline's parity.
+MIN_ORGAN_ML = 1.0
+
+
 def agreement(pred: np.ndarray, ref: np.ndarray, names: dict[int, str],
-              margin: np.ndarray | None = None) -> dict[str, Any]:
-    """Dice per organ (by name), mean Dice, voxel agreement, margin-restricted agreement, missing/extra."""
+              margin: np.ndarray | None = None, voxel_ml: float | None = None) -> dict[str, Any]:
+    """Dice per organ (by name), mean Dice, voxel agreement, margin-restricted agreement, missing/extra.
+
+    With ``voxel_ml`` (the volume of one voxel in ml) also ``mean_dice_1ml``: the mean over the organs of at
+    least :data:`MIN_ORGAN_ML` in ``ref`` or in ``pred``, and ``organs_below_1ml`` (the others' names).
+    """
     d = dice_per_class(pred, ref)
     present_ref = {int(k) for k in np.unique(ref) if k}
     present_pred = {int(k) for k in np.unique(pred) if k}
@@ -52,6 +61,12 @@ def agreement(pred: np.ndarray, ref: np.ndarray, names: dict[int, str],
         "organs_extra": sorted(names.get(k, str(k)) for k in present_pred - present_ref),
         "dice": {names.get(k, str(k)): round(v, 6) for k, v in sorted(d.items())},
     }
+    if voxel_ml is not None:
+        counts = np.maximum(np.bincount(np.asarray(ref, dtype=np.int64).ravel(), minlength=256),
+                            np.bincount(np.asarray(pred, dtype=np.int64).ravel(), minlength=256))
+        big = [k for k in d if counts[k] * voxel_ml >= MIN_ORGAN_ML]
+        out["mean_dice_1ml"] = float(np.mean([d[k] for k in big])) if big else 1.0
+        out["organs_below_1ml"] = sorted(names.get(k, str(k)) for k in d if k not in big)
     if margin is not None:
         if margin.shape != pred.shape:
             raise ValueError(f"margin map {margin.shape} is not on the label grid {pred.shape}")

@@ -89,7 +89,7 @@ def targets_text(results: dict[str, Any]) -> str:
             parts.append("peak memory <= half of vanilla's on the largest case: "
                          + ("yes" if t["memory_le_half_of_vanilla_on_largest"] else "NO"))
         if "mean_dice_bar" in t:
-            parts.append("mean Dice bar: " + ", ".join(
+            parts.append("mean Dice (organs >= 1 ml) bar: " + ", ".join(
                 f"{c} {v['value']:.4f} >= {v['bar']} {'yes' if v['pass'] else 'NO'}" for c, v in t["mean_dice_bar"].items()))
         if "agreement_margin_0.5_ge_0.999" in t:
             parts.append("agreement on margin > 0.5 >= 0.999: " + ", ".join(

@@ -91,7 +91,7 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     return img
 
 
-def _nifti_class(raw: bytes) -> type[nib.Nifti1Image] | type[nib.Nifti2Image] | None:
+def _nifti_class(raw: bytes) -> type[nib.Nifti1Image | nib.Nifti2Image] | None:
     """NIfTI-1 or NIfTI-2 from ``sizeof_hdr`` and the magic string; None for anything else."""
     for order in ("<", ">"):
         if len(raw) >= 348 and int(np.frombuffer(raw[:4], dtype=f"{order}i4")[0]) == 348 \

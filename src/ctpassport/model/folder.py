@@ -20,7 +20,6 @@ All geometric fields of :class:`ModelFolder` (``patch_size``, ``spacing``) are i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,15 +134,9 @@ def file_sha256(path: Path) -> str:
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelError(f"{what} is missing", path, "point --model at an nnU-Net trainer folder")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{what} is not valid JSON ({exc.__class__.__name__})", path) from None
-    if not isinstance(obj, dict):
-        raise ModelError(f"{what} must hold a JSON object", path)
-    return obj
+    from ..io.jsonfile import read_json_object
+
+    return read_json_object(path, what, error=ModelError, hint="point --model at an nnU-Net trainer folder")
 
 
 def _resolve_configuration(plans: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

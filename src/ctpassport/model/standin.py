@@ -14,7 +14,14 @@ from typing import Any, Literal
 
 from ..io.atomic import atomic_path, check_writable, write_text_atomic
 from .classes import TOTAL_CLASSES
-from .folder import CHECKPOINT_NAME, FAST_CONFIGURATION, FAST_DATASET, FAST_PLANS, FAST_TRAINER, FAST_TRAINER_FOLDER
+from .folder import (
+    CHECKPOINT_NAME,
+    FAST_CONFIGURATION,
+    FAST_DATASET,
+    FAST_PLANS,
+    FAST_TRAINER,
+    FAST_TRAINER_FOLDER,
+)
 
 #: CT intensity statistics of the fast model's training data (spec; plans.json
 #: ``foreground_intensity_properties_per_channel``).

@@ -25,7 +25,6 @@ Frames and units, stated once for every field below:
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -169,13 +168,12 @@ def save_passport(passport: Passport, path: str | Path) -> Path:
 
 def load_passport(path: str | Path) -> Passport:
     """Read and validate a passport JSON; :class:`InputError` with one line for anything wrong."""
+    from ..io.jsonfile import read_json_object
+
     p = Path(path)
     if not p.is_file():
         raise InputError("no such passport file", p)
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON ({type(exc).__name__} at {getattr(exc, 'pos', '?')})", p) from None
+    raw = read_json_object(p, "passport")
     try:
         return Passport.model_validate(raw)
     except ValidationError as exc:

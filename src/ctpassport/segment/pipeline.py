@@ -196,6 +196,8 @@ class Segmenter:
             keep = np.zeros(256, dtype=bool)
             keep[list(classes)] = True
             result.labels = np.where(keep[result.labels], result.labels, 0).astype(np.uint8)
+            # the passport (on the model grid) and the statistics describe the same subset
+            result.model_labels = np.where(keep[result.model_labels], result.model_labels, 0).astype(np.uint8)
         if passport is not None:
             with tm.stage("passport"):
                 passport(result, tm)

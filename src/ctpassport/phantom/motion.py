@@ -1,0 +1,191 @@
+"""The known motion between a phantom baseline and its follow-up: rigid motion plus a breathing-like deformation.
+
+Direction (the registration convention of ctpassport): the transform maps **fixed-space points to
+moving-space points** (pull-back), world millimetres, RAS+. Here fixed = the baseline scan and moving = the
+follow-up scan, so ``T(x)`` is where the tissue at baseline position ``x`` lies in the follow-up, and the
+follow-up warped onto the baseline is ``warped(x) = follow_up(T(x))``. The target registration error of an
+estimated transform is therefore ``|T_est(x) - T(x)|`` at baseline (fixed) points ``x``.
+
+``T(x) = R (x + d(x) - c) + c + t`` where ``d`` is a smooth displacement field (mm):
+
+* diaphragm motion: ``d_z = A * exp(-(z - z_d)^2 / (2 s_z^2)) * exp(-((x - x_d)^2 + (y - y_d)^2) / (2 s_xy^2))``
+* chest wall expansion: ``d_y = B * exp(-(z - z_c)^2 / (2 s_c^2)) * exp(-x^2 / (2 s_xy^2)) * (y - y_0) / L``
+
+with small gradients (|grad d| < 0.25 by construction), so ``x -> x + d(x)`` is invertible and its inverse
+is computed by fixed-point iteration to better than 1e-6 mm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.atomic import write_text_atomic
+
+TRANSFORM_KIND = "ctpassport.phantom.true_transform"
+TRANSFORM_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Deformation:
+    """Parameters of the breathing-like displacement (mm, baseline world frame RAS+)."""
+
+    diaphragm_shift: float  # A: superior (+) / inferior (-) shift at the diaphragm (mm)
+    diaphragm_center: tuple[float, float, float]  # (x_d, y_d, z_d) mm
+    sigma_z: float  # s_z mm
+    sigma_xy: float  # s_xy mm
+    chest_expansion: float  # B: anterior shift at (y - y_0) = L (mm)
+    chest_z: float  # z_c mm
+    chest_sigma_z: float  # s_c mm
+    chest_y0: float  # y_0 mm
+    chest_length: float  # L mm
+
+    def displacement(self, p: np.ndarray) -> np.ndarray:
+        """d(p) for (..., 3) points (mm, RAS+); returns (..., 3) displacements (mm)."""
+        p = np.asarray(p, dtype=np.float64)
+        x, y, z = p[..., 0], p[..., 1], p[..., 2]
+        xd, yd, zd = self.diaphragm_center
+        g1 = np.exp(-((z - zd) ** 2) / (2 * self.sigma_z**2)
+                    - ((x - xd) ** 2 + (y - yd) ** 2) / (2 * self.sigma_xy**2))
+        g2 = np.exp(-((z - self.chest_z) ** 2) / (2 * self.chest_sigma_z**2) - x**2 / (2 * self.sigma_xy**2))
+        out = np.zeros_like(p)
+        out[..., 2] = self.diaphragm_shift * g1
+        out[..., 1] = self.chest_expansion * g2 * (y - self.chest_y0) / self.chest_length
+        return out
+
+    def max_displacement(self, extent_mm: float = 400.0) -> float:
+        """An upper bound of |d| (mm) for points within ``extent_mm`` of the chest's y_0 plane."""
+        return float(abs(self.diaphragm_shift) + abs(self.chest_expansion) * extent_mm / self.chest_length)
+
+
+@dataclass(frozen=True)
+class TrueTransform:
+    """The exact baseline -> follow-up map ``T(x) = R (x + d(x) - c) + c + t`` (world mm, RAS+).
+
+    See the module docstring: ``apply`` maps fixed (baseline) points to moving (follow-up) points.
+    """
+
+    rotation: tuple[tuple[float, float, float], ...]
+    center: tuple[float, float, float]
+    translation: tuple[float, float, float]
+    deformation: Deformation
+
+    @property
+    def R(self) -> np.ndarray:
+        return np.asarray(self.rotation, dtype=np.float64)
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """Baseline (fixed) world points (..., 3) mm RAS+ -> follow-up (moving) world points (..., 3)."""
+        p = np.asarray(points, dtype=np.float64)
+        c, t = np.asarray(self.center), np.asarray(self.translation)
+        q = p + self.deformation.displacement(p) - c
+        return q @ self.R.T + c + t
+
+    def inverse(self, points: np.ndarray, *, tol_mm: float = 1e-6, max_iter: int = 60) -> np.ndarray:
+        """Follow-up (moving) world points (..., 3) -> baseline (fixed) world points (fixed-point iteration)."""
+        q = np.asarray(points, dtype=np.float64)
+        c, t = np.asarray(self.center), np.asarray(self.translation)
+        zpt = (q - c - t) @ self.R + c  # = x + d(x)
+        x = zpt.copy()
+        for _ in range(max_iter):
+            nxt = zpt - self.deformation.displacement(x)
+            step = float(np.max(np.abs(nxt - x))) if nxt.size else 0.0
+            x = nxt
+            if step < tol_mm:
+                break
+        return x
+
+    def max_displacement(self) -> float:
+        """Upper bound (mm) of the deformation part's |d| (excludes the rigid part)."""
+        return self.deformation.max_displacement()
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kind": TRANSFORM_KIND,
+            "version": TRANSFORM_VERSION,
+            "direction": "fixed_to_moving",
+            "fixed": "baseline",
+            "moving": "follow-up",
+            "frame": "world mm RAS+",
+            "formula": "T(x) = R (x + d(x) - c) + c + t; d = breathing-like displacement (see ctpassport.phantom.motion)",
+            "rotation": [list(r) for r in self.rotation],
+            "center": list(self.center),
+            "translation": list(self.translation),
+            "rotation_deg": round(rotation_angle_deg(self.R), 6),
+            "deformation": asdict(self.deformation),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object], path: Path | None = None) -> TrueTransform:
+        if d.get("kind") != TRANSFORM_KIND:
+            raise InputError(f"not a phantom true transform (kind {d.get('kind')!r})", path)
+        try:
+            deform = dict(d["deformation"])  # type: ignore[arg-type]
+            deform["diaphragm_center"] = tuple(float(v) for v in deform["diaphragm_center"])
+            return cls(
+                rotation=tuple(tuple(float(v) for v in row) for row in d["rotation"]),  # type: ignore[union-attr]
+                center=tuple(float(v) for v in d["center"]),  # type: ignore[union-attr]
+                translation=tuple(float(v) for v in d["translation"]),  # type: ignore[union-attr]
+                deformation=Deformation(**{k: (float(v) if not isinstance(v, tuple) else v)
+                                           for k, v in deform.items()}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"malformed phantom true transform ({exc})", path) from None
+
+
+def rotation_angle_deg(r: np.ndarray) -> float:
+    """Rotation angle (degrees) of a rotation matrix."""
+    return math.degrees(math.acos(max(-1.0, min(1.0, (float(np.trace(r)) - 1.0) / 2.0))))
+
+
+def save_true_transform(transform: TrueTransform, path: str | Path) -> Path:
+    """Write the transform as JSON (atomic). See the module docstring for the direction."""
+    write_text_atomic(path, json.dumps(transform.to_dict(), indent=2))
+    return Path(path)
+
+
+def load_true_transform(path: str | Path) -> TrueTransform:
+    """Read a transform written by :func:`save_true_transform`."""
+    from ..io.jsonfile import read_json_object
+
+    p = Path(path)
+    return TrueTransform.from_dict(read_json_object(p, "phantom true-transform file"), p)
+
+
+def sample_motion(rng: np.random.Generator, *, center: np.ndarray, diaphragm: np.ndarray, chest_z: float,
+                  chest_y0: float, max_rotation_deg: float = 4.0, max_translation_mm: float = 12.0,
+                  max_breath_mm: float = 12.0) -> TrueTransform:
+    """Draw a rigid motion and a breathing deformation (magnitudes in degrees / mm, world RAS+).
+
+    ``center``: rotation centre (mm); ``diaphragm``: (x, y, z) of the diaphragm dome (mm); ``chest_z`` /
+    ``chest_y0``: height (mm) and posterior reference plane (mm) of the chest expansion.
+    """
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = math.radians(rng.uniform(0.3, 1.0) * max_rotation_deg * (1 if rng.random() < 0.5 else -1))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * (k @ k)
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    trans = direction * rng.uniform(0.3, 1.0) * max_translation_mm
+    shift = rng.uniform(0.4, 1.0) * max_breath_mm * (-1 if rng.random() < 0.7 else 1)
+    deform = Deformation(
+        diaphragm_shift=float(shift),
+        diaphragm_center=tuple(float(v) for v in diaphragm),  # type: ignore[arg-type]
+        sigma_z=float(rng.uniform(80.0, 110.0)),
+        sigma_xy=float(rng.uniform(140.0, 180.0)),
+        chest_expansion=float(rng.uniform(0.3, 1.0) * 0.5 * max_breath_mm),
+        chest_z=float(chest_z),
+        chest_sigma_z=float(rng.uniform(90.0, 130.0)),
+        chest_y0=float(chest_y0),
+        chest_length=200.0,
+    )
+    return TrueTransform(rotation=tuple(tuple(float(v) for v in row) for row in rot),  # type: ignore[arg-type]
+                         center=tuple(float(v) for v in center),  # type: ignore[arg-type]
+                         translation=tuple(float(v) for v in trans),  # type: ignore[arg-type]
+                         deformation=deform)
