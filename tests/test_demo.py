@@ -42,14 +42,14 @@ def test_demo_phantom_end_to_end(tmp_path: Path, no_weights: None) -> None:
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["kind"] == "demo"
     assert rep["inputs"]["mode"] == "phantom"
-    from ctpassport.demo import label_dice
+    from ctpassport.bench.metrics import dice_per_class
 
     for role in ("baseline", "follow_up"):
         s = rep["segmentation"][role]
         # the stated Dice against the phantom's truth is the one the written files give
         seg = np.asanyarray(nib.load(out / f"{role}_seg.nii.gz").dataobj)
         truth = np.asanyarray(nib.load(out / f"{role}_truth_labels.nii.gz").dataobj)
-        d = label_dice(seg, truth)
+        d = dice_per_class(seg, truth)
         mean = float(np.mean([v for k, v in d.items() if k in set(np.unique(truth).tolist())]))
         assert s["dice_vs_phantom_truth_mean"] == pytest.approx(mean, abs=1e-3)
         assert s["labels"] >= 20 and mean > 0.1
@@ -123,11 +123,12 @@ def test_choose_model_skips_standins(standin_home: Path, tmp_path: Path) -> None
 
 
 def test_tre_helpers() -> None:
-    from ctpassport.demo import label_dice, sample_points
+    from ctpassport.bench.metrics import dice_per_class
+    from ctpassport.demo import sample_points
 
     lab = np.zeros((5, 5, 5), dtype=np.uint8)
     lab[1:3, 1:3, 1:3] = 4
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     pts = sample_points(lab, aff, n=5)
     assert pts.shape == (5, 3) and np.all((pts >= 2) & (pts <= 4))
-    assert label_dice(lab, lab) == {4: 1.0}
+    assert dice_per_class(lab, lab) == {4: 1.0}

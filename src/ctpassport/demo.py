@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .bench.metrics import dice_per_class
 from .errors import CTPassportError, InputError, ModelError
 from .io.atomic import atomic_path, check_writable
 
@@ -102,16 +103,6 @@ def sample_points(labels: np.ndarray, affine: np.ndarray, n: int = TRE_POINTS, s
     if len(idx) > n:
         idx = idx[np.random.default_rng(seed).choice(len(idx), n, replace=False)]
     return idx @ affine[:3, :3].T + affine[:3, 3]
-
-
-def label_dice(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
-    """Dice per label present in either map (same grid)."""
-    ids = sorted((set(np.unique(a)) | set(np.unique(b))) - {0})
-    out = {}
-    for k in ids:
-        x, y = a == k, b == k
-        out[int(k)] = 2.0 * float((x & y).sum()) / max(1, int(x.sum()) + int(y.sum()))
-    return out
 
 
 def _mean_dice(d: dict[int, float], common: set[int] | None = None) -> float | None:
@@ -337,7 +328,7 @@ def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_
             entry: dict[str, Any] = {"labels": int(len(np.unique(r.labels)) - 1), "tiles": r.n_tiles,
                                      "seconds": round(clock.seconds[f"segment_{role}"], 3)}
             if role in truth_labels:
-                d = label_dice(r.labels, truth_labels[role])
+                d = dice_per_class(r.labels, truth_labels[role])
                 present_truth = {int(k) for k in np.unique(truth_labels[role])} - {0}
                 entry["dice_vs_phantom_truth_mean"] = _mean_dice(d, present_truth)
                 entry["dice_vs_phantom_truth"] = {_name(k): round(v, 4) for k, v in d.items() if k in present_truth}
@@ -417,7 +408,7 @@ def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_
             base_lab = results["baseline"].labels
             overlap = {}
             for name, warped_lab in moved_lab.items():
-                d = label_dice(base_lab, warped_lab)
+                d = dice_per_class(base_lab, warped_lab)
                 common = (set(np.unique(base_lab)) & set(np.unique(results["follow_up"].labels))) - {0}
                 overlap[name] = _mean_dice(d, {int(k) for k in common})
             for tier, entry in reg_report.items():

@@ -612,14 +612,13 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 # evaluation
 # ------------------------------------------------------------------------------------------------------
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: list[int] | None = None) -> dict[int, float]:
-    """Dice (0..1) per class id present in ``ref`` (or ``classes``); arrays on the same grid."""
+    """Dice (0..1) per class id present in ``ref`` (or ``classes``; 1.0 for one absent from both maps);
+    arrays on the same grid. :func:`ctpassport.bench.metrics.dice_per_class` restricted to those ids."""
+    from ..bench.metrics import dice_per_class as dice_either
+
+    d = dice_either(pred, ref)
     ids = classes if classes is not None else [int(k) for k in np.unique(ref) if k > 0]
-    out = {}
-    for k in ids:
-        a, b = pred == k, ref == k
-        denom = int(a.sum()) + int(b.sum())
-        out[int(k)] = 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
-    return out
+    return {int(k): d.get(int(k), 1.0) for k in ids}
 
 
 def grouped_dice(pred: np.ndarray, ref: np.ndarray, names: dict[str, tuple[str, ...]]) -> dict[str, float]:

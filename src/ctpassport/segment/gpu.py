@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ModelError
 from ..io.nifti import Image3D
 from .backends import default_threads
-from .preprocess import Resampled, header_zooms, zoom_output_shape
+from .preprocess import Resampled, to_model_grid, zoom_output_shape
 from .sliding_window import gaussian_importance, tiles
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -155,23 +155,9 @@ class TorchBackend:
 
     # -- device-side stages -------------------------------------------------------------------------
     def to_model_grid(self, image: Image3D, target_spacing: tuple[float, float, float]) -> Resampled:
-        """:func:`ctpassport.segment.preprocess.to_model_grid` with the resampling on the device."""
-        from ..io.orientation import reorientation
-
-        ro = reorientation(image.affine, image.shape)
-        data_c = ro.to_canonical(image.data)
-        aff_c = ro.canonical_affine
-        img_spacing = header_zooms(aff_c)
-        new_spacing = np.asarray(target_spacing, dtype=np.float64)
-        if np.array_equal(img_spacing, new_spacing):
-            return Resampled(data=data_c, affine=aff_c, canonical_shape=data_c.shape, canonical_affine=aff_c,
-                             zoom=np.ones(3), resampled=False, reorient=ro)
-        zoom = img_spacing / new_spacing
-        new_affine = aff_c.copy()
-        new_affine[:3, :3] = aff_c[:3, :3] / zoom[None, :]
-        out = resample_linear(data_c, zoom, self.device)
-        return Resampled(data=out, affine=new_affine, canonical_shape=data_c.shape, canonical_affine=aff_c,
-                         zoom=zoom, resampled=True, reorient=ro)
+        """:func:`ctpassport.segment.preprocess.to_model_grid` (fast) with the resampling on the device."""
+        return to_model_grid(image, target_spacing, fast=True,
+                             resample=lambda data, zoom: resample_linear(data, zoom, self.device))
 
     def zoom_labels(self, labels: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
         return zoom_labels_torch(labels, target_shape, self.device)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,13 +79,15 @@ def zoom_linear_fast(data: np.ndarray, zoom: np.ndarray) -> np.ndarray:
     return out.astype(np.int32).transpose(inv)
 
 
-def to_model_grid(image: Image3D, target_spacing: tuple[float, float, float], *, fast: bool = False) -> Resampled:
+def to_model_grid(image: Image3D, target_spacing: tuple[float, float, float], *, fast: bool = False,
+                  resample: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> Resampled:
     """Canonicalise and resample ``image`` to ``target_spacing`` (mm, nibabel axis order) like TotalSegmentator.
 
     The zoom factors are ``header_zooms / target`` and the new affine's columns are the old ones divided by
     them, exactly as ``totalsegmentator.resampling.change_spacing``; resampled values are truncated to int32.
     ``fast``: :func:`zoom_linear_fast` (float32, memory order, no copies) instead of the bit-exact float64
-    ``ndimage.zoom``; the returned ``data`` may then be a non-contiguous view.
+    ``ndimage.zoom``; the returned ``data`` may then be a non-contiguous view. ``resample(data, zoom)``
+    replaces the fast interpolation (e.g. the GPU backend's, on the device).
     """
     ro = reorientation(image.affine, image.shape)
     data_c = ro.to_canonical(image.data)
@@ -98,7 +101,9 @@ def to_model_grid(image: Image3D, target_spacing: tuple[float, float, float], *,
     zoom = img_spacing / new_spacing
     new_affine = aff_c.copy()
     new_affine[:3, :3] = aff_c[:3, :3] / zoom[None, :]
-    if fast:
+    if resample is not None:
+        out = resample(data_c, zoom)
+    elif fast:
         out = zoom_linear_fast(data_c, zoom)
     else:
         out = ndimage.zoom(np.ascontiguousarray(data_c), zoom, output=np.float64, order=1,
