@@ -454,71 +454,30 @@ def downloads_tab(ss: Any) -> None:
     study, run = ss.study, ss.seg
     stem = downloads.stem_of(study.name)
     st.markdown("Files are made when you click.")
-    c = st.columns(3)
-    c[0].download_button(
-        "Label map (NIfTI)",
-        data=lambda: downloads.labels_nifti(run.labels, study.image),
-        file_name=f"{stem}_seg.nii.gz",
-        mime="application/gzip",
-        key="dl_labels",
-        on_click="ignore",
-        icon=":material/download:",
-        width="stretch",
-    )
-    c[1].download_button(
-        "Masks per class (zip)",
-        data=lambda: downloads.masks_zip(run.labels, study.image),
-        file_name=f"{stem}_masks.zip",
-        mime="application/zip",
-        key="dl_masks",
-        on_click="ignore",
-        icon=":material/download:",
-        width="stretch",
-    )
-    c[2].download_button(
-        "Passport (JSON)",
-        data=lambda: downloads.passport_json(run.passport),
-        file_name=f"{stem}_passport.json",
-        mime="application/json",
-        key="dl_passport",
-        on_click="ignore",
-        icon=":material/download:",
-        width="stretch",
-    )
-    c = st.columns(3)
     reg = ss.reg
-    c[0].download_button(
-        "Transform files (zip)",
-        data=(lambda: downloads.folder_zip(reg.folder)) if reg else b"",
-        file_name=f"{stem}_registration.zip",
-        mime="application/zip",
-        key="dl_transform",
-        on_click="ignore",
-        icon=":material/download:",
-        width="stretch",
-        disabled=reg is None,
-        help=None if reg else "Run a registration first",
-    )
-    c[1].download_button(
-        "Report (HTML)",
-        data=lambda: downloads.report_html(study, run, reg),
-        file_name=f"{stem}_report.html",
-        mime="text/html",
-        key="dl_report",
-        on_click="ignore",
-        icon=":material/description:",
-        width="stretch",
-    )
-    c[2].download_button(
-        "Organ table (CSV)",
-        data=lambda: downloads.organs_csv(run.passport),
-        file_name=f"{stem}_organs.csv",
-        mime="text/csv",
-        key="dl_csv",
-        on_click="ignore",
-        icon=":material/table:",
-        width="stretch",
-    )
+    # (label, bytes maker, file name, MIME type, widget key, icon, disabled reason)
+    buttons = [
+        ("Label map (NIfTI)", lambda: downloads.labels_nifti(run.labels, study.image), f"{stem}_seg.nii.gz",
+         "application/gzip", "dl_labels", ":material/download:", None),
+        ("Masks per class (zip)", lambda: downloads.masks_zip(run.labels, study.image), f"{stem}_masks.zip",
+         "application/zip", "dl_masks", ":material/download:", None),
+        ("Passport (JSON)", lambda: downloads.passport_json(run.passport), f"{stem}_passport.json",
+         "application/json", "dl_passport", ":material/download:", None),
+        ("Transform files (zip)", (lambda: downloads.folder_zip(reg.folder)) if reg else b"",
+         f"{stem}_registration.zip", "application/zip", "dl_transform", ":material/download:",
+         None if reg else "Run a registration first"),
+        ("Report (HTML)", lambda: downloads.report_html(study, run, reg), f"{stem}_report.html", "text/html",
+         "dl_report", ":material/description:", None),
+        ("Organ table (CSV)", lambda: downloads.organs_csv(run.passport), f"{stem}_organs.csv", "text/csv",
+         "dl_csv", ":material/table:", None),
+    ]
+    for i, (label, data, file_name, mime, key, icon, why_disabled) in enumerate(buttons):
+        if i % 3 == 0:
+            c = st.columns(3)
+        c[i % 3].download_button(
+            label, data=data, file_name=file_name, mime=mime, key=key, on_click="ignore", icon=icon,
+            width="stretch", disabled=why_disabled is not None, help=why_disabled,
+        )
     st.caption(
         "Label maps and masks are on the study's own grid (its affine and header), TotalSegmentator's class "
         "ids and names. Transforms map baseline points to follow-up points (see registration.json)."
