@@ -9,7 +9,6 @@ Commands are testable in-process with ``typer.testing.CliRunner`` on :data:`app`
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -446,9 +445,9 @@ def warp_cmd(
         from .io.labels import add_label_table, read_label_table
         from .io.nifti import load_nifti
 
-        table = read_label_table(load_nifti(input))  # TotalSegmentator's label table, kept when present
-        if table:
-            add_label_table(img, table)
+        label_table = read_label_table(load_nifti(input))  # TotalSegmentator's label table, kept when present
+        if label_table:
+            add_label_table(img, label_table)
     save_nifti(img, output)
     _say(quiet, f"Wrote {output} ({'labels, nearest neighbour' if labels else 'linear'}, grid {out.shape})")
 
@@ -548,7 +547,7 @@ def phantom_cmd(
     if len(angles) != 3:
         raise CTPassportError(f"--oblique must be three angles in degrees, not {oblique!r}")
     outs = write_phantom(output, labels, seed=seed, spacing=spacing, orientation=orientation,
-                         oblique_deg=angles, follow_up=follow_up, follow_up_labels=follow_up_labels,  # type: ignore[arg-type]
+                         oblique_deg=angles, follow_up=follow_up, follow_up_labels=follow_up_labels,
                          transform=transform, truth=truth, motion_seed=motion_seed, force=force)
     for role, path in outs.items():
         _say(quiet, f"Wrote {role.replace('_', ' ')}: {path}")
@@ -599,6 +598,7 @@ def model_train_demo_cmd(
     class_power: Annotated[float, typer.Option("--class-power", min=0.0, max=1.0, help="Crop centres: pick a class with probability ~ voxel count ** this (0 = all classes alike).")] = 0.5,
     ce_class_power: Annotated[float, typer.Option("--ce-class-power", min=0.0, max=1.0, help="Cross-entropy class weights ~ voxel count ** -this (0 = unweighted).")] = 0.0,
     source_weights: Annotated[str | None, typer.Option("--source-weights", help="Sampling weights phantom,example_ct_sm,example_ct (default 0.65,0.15,0.2).")] = None,
+    focus: Annotated[str | None, typer.Option("--focus", help="Crop centres: multiply these classes' odds, e.g. kidney_right=4,spleen=2.")] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Measure Dice per source and write MODEL_CARD.md.")] = True,
     evaluate_only: Annotated[bool, typer.Option("--evaluate-only", help="Only evaluate an existing model and rewrite its card.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing model.")] = False,
@@ -622,7 +622,7 @@ def model_train_demo_cmd(
                 vals = vals * 3
             if len(vals) != 3:
                 raise CTPassportError(f"crop {text!r} must be one or three integers (z,y,x)")
-            return vals  # type: ignore[return-value]
+            return vals
 
         cfg = TrainConfig(seed=seed, steps=steps, crop=zyx(crop), crop_start=zyx(crop_start) if crop_start else None,
                           crop_switch=crop_switch,
@@ -638,6 +638,14 @@ def model_train_demo_cmd(
             if len(sw) != 3 or min(sw) < 0 or sum(sw) <= 0:
                 raise CTPassportError(f"--source-weights {source_weights!r} must be three non-negative numbers")
             cfg.source_weights = dict(zip(("phantom", "example_ct_sm", "example_ct"), sw))
+        if focus:
+            try:
+                pairs = [item.split("=") for item in focus.split(",")]
+                cfg.class_focus = {k.strip(): float(v) for k, v in pairs}
+            except ValueError:
+                cfg.class_focus = {}
+            if not cfg.class_focus or min(cfg.class_focus.values()) <= 0:
+                raise CTPassportError(f"--focus {focus!r} must be NAME=FACTOR pairs with positive factors")
         train_demo(out, ct_dir=cfg_env.ct_data_dir, cfg=cfg, work_dir=work_dir, force=force, log=log)
     else:
         check_trained_folder(out)
@@ -1025,4 +1033,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

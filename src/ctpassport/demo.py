@@ -380,12 +380,12 @@ def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_
         from .register.transform import GridSpec, RigidTransform, Transform
         from .register.warp import resample
 
-        ref = GridSpec(base_img.shape, base_img.affine)  # type: ignore[arg-type]
+        ref = GridSpec(base_img.shape, base_img.affine)
         moved_ct: dict[str, np.ndarray] = {}
         moved_lab: dict[str, np.ndarray] = {}
         with clock.stage("warp"):
             fu_ct = np.asarray(fu_img.data, dtype=np.float32)
-            if ref.same_as(GridSpec(fu_img.shape, fu_img.affine)):  # type: ignore[arg-type]
+            if ref.same_as(GridSpec(fu_img.shape, fu_img.affine)):
                 moved_ct["no registration"] = fu_ct
                 moved_lab["no registration"] = results["follow_up"].labels
             else:

@@ -128,6 +128,7 @@ class RegistrationRun:
             from . import viewer
             from .downloads import square_pixels
 
+            assert self.warped is not None  # has_images
             view = viewer.canonical_view(self.fixed.study.image.data, self.fixed.study.image.affine)
             warped = viewer.canonical_view(self.warped.data, self.warped.affine)
             cur = viewer.best_slices(

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, cast
 
 import streamlit as st
 
@@ -251,6 +251,7 @@ def sidebar(ss: Any, alerts: Any) -> dict[str, Any]:
             if not files:
                 st.info(f"No CT files found under {root}.")
             else:
+                assert root is not None  # files is empty without a server root
                 rel = st.selectbox("CT under the server folder", files, key="server_pick")
                 if st.button("Open", key="server_go", icon=":material/folder_open:", width="stretch"):
                     try:
@@ -369,7 +370,7 @@ def viewer_panel(ss: Any, *, key_prefix: str = "", fusion: Any = None, view: Any
                 idx,
                 window=viewer.WINDOWS[preset],
                 opacity=opacity,
-                cursor=tuple(cursor),
+                cursor=cast("tuple[int, int, int]", tuple(cursor)),  # one index per plane
                 fusion=fusion,
             )
             shown.update(ids)
@@ -550,10 +551,12 @@ def registration_tab(ss: Any, settings: dict[str, Any]) -> None:
                 with st.spinner("Rendering the phantom's follow-up..."):
                     study = demo.follow_up_of(ss.study)
             elif fu_pick == "Upload a follow-up":
+                assert fu_upload is not None  # the Register button is disabled without an upload
                 study = core.load_upload(fu_upload.name, fu_upload, ss.ws, max_bytes=max_upload_bytes())
             else:
                 moving = _side_from_store(fu_pick, store[fu_pick])
             if moving is None:
+                assert study is not None  # the phantom and upload branches above both set it
                 run = segment_with_progress(study, settings)
                 if run is None:
                     if study.folder is not None:  # nothing of a failed run stays on disk

@@ -60,7 +60,7 @@ def server_root(base: str | Path | None = None) -> Path:
 
 def sweep_stale(base: str | Path) -> list[Path]:
     """Remove ``ctpassport-app-<pid>`` folders under ``base`` whose process no longer runs; return them."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(Path(base).glob(f"{ROOT_PREFIX}*"))
     except OSError:

@@ -11,6 +11,7 @@ under ``<report>/inputs`` (made once, reused).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def is_label_map(path: Path) -> bool:
         return False
 
 
-def collect_inputs(items: list[str | Path]) -> tuple[list[Path], list[str]]:
+def collect_inputs(items: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     """Expand ``-i`` arguments: files as given, folders to their NIfTI files (sorted) except label maps.
 
     Returns (CT paths, notes on what was skipped). Raises :class:`InputError` for a missing path or when
@@ -142,7 +143,7 @@ def make_variant(src: Path, spacing: tuple[float, float, float], out_dir: Path) 
     return out
 
 
-def prepare_cases(items: list[str | Path], variants: list[str], work_dir: Path,
+def prepare_cases(items: Sequence[str | Path], variants: list[str], work_dir: Path,
                   log: Any = None) -> tuple[list[Case], list[str]]:
     """Collect the inputs and add one resampled variant per input and ``variants`` entry."""
     paths, notes = collect_inputs(items)

@@ -11,7 +11,7 @@ any float rounding flips, so this separates pipeline errors from rounding.
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,7 +22,8 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray) -> dict[int, float]:
     """Dice per class id present in ``pred`` or ``ref`` (background 0 excluded); one pass with bincount."""
     if pred.shape != ref.shape:
         raise ValueError(f"label maps differ in shape: {pred.shape} vs {ref.shape}")
-    order = "F" if pred.flags.f_contiguous and ref.flags.f_contiguous else "C"  # one common order, no copy
+    # one common order, no copy
+    order: Literal["F", "C"] = "F" if pred.flags.f_contiguous and ref.flags.f_contiguous else "C"
     p = np.asarray(pred).ravel(order=order).astype(np.intp)
     r = np.asarray(ref).ravel(order=order).astype(np.intp)
     n = int(max(p.max(initial=0), r.max(initial=0))) + 1

@@ -114,7 +114,7 @@ def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path | None) -> tuple[int,
         )
     if min(shape) < 1:
         raise InputError(f"has an empty axis (shape {shape})", path)
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def validate_affine(affine: np.ndarray, path: Path | None = None) -> Affine:

@@ -61,4 +61,4 @@ def reorientation(affine: Affine, shape: tuple[int, ...]) -> Reorientation:
 
 def axcodes(affine: Affine) -> tuple[str, str, str]:
     """Orientation codes of the array axes, e.g. ``('R', 'A', 'S')`` or ``('L', 'P', 'S')``."""
-    return tuple(aff2axcodes(affine))  # type: ignore[return-value]
+    return tuple(aff2axcodes(affine))

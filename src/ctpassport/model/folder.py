@@ -193,7 +193,8 @@ def parse_architecture(conf: dict[str, Any], path: Path) -> Architecture:
                          f"supported: {', '.join(SUPPORTED_NETWORKS)}")
     try:
         n_stages = int(kw["n_stages"])
-        convs = kw.get("n_conv_per_stage", kw.get("n_blocks_per_stage"))
+        # untyped JSON value (may be None): a bad one raises TypeError/ValueError below -> ModelError
+        convs: Any = kw.get("n_conv_per_stage", kw.get("n_blocks_per_stage"))
         arch = Architecture(
             network_class_name=cls,
             n_stages=n_stages,
@@ -248,7 +249,7 @@ def load_model_folder(path: str | Path, *, check_checkpoint: bool = True) -> Mod
                          "ctpassport runs single-channel CT models")
     props_all = plans.get("foreground_intensity_properties_per_channel",
                           plans.get("foreground_intensity_properties_by_modality", {}))
-    props = props_all.get("0", props_all.get(0, {})) if isinstance(props_all, dict) else {}
+    props: Any = props_all.get("0", props_all.get(0, {})) if isinstance(props_all, dict) else {}  # JSON value
     if norms[0] == "CTNormalization":
         missing = [k for k in ("mean", "std", "percentile_00_5", "percentile_99_5") if k not in props]
         if missing:

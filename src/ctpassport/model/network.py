@@ -76,9 +76,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
     safe: list[Any] = [np.dtype, np.ndarray]
     try:  # numpy >= 2 moved numpy.core to numpy._core (the old name warns)
-        from numpy._core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined]
+        from numpy._core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined, unused-ignore]
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined,no-redef]
+        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined, no-redef, unused-ignore]
     safe += [scalar, _reconstruct]
     safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
     try:

@@ -81,6 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     class_power: float = 0.5  # crop centres: class chosen with probability ~ voxel count ** class_power
     ce_class_power: float = 0.0  # cross-entropy class weights ~ voxel count ** -ce_class_power (0 = unweighted)
+    class_focus: dict[str, float] = field(default_factory=dict)  # class name -> factor on its crop-centre odds
     init_from: str | None = None  # start from this trainer folder's weights (a further training stage)
 
 
@@ -121,7 +122,7 @@ def _phantom_raw(seed: int, spacing: str) -> tuple[Any, np.ndarray]:
     image = Image3D(data=scan.ct, affine=scan.affine, header=None)  # type: ignore[arg-type]
     resampled = to_model_grid(image, (3.0, 3.0, 3.0))
     if resampled.resampled:
-        grid = Grid(shape=tuple(resampled.data.shape), affine=resampled.affine)  # type: ignore[arg-type]
+        grid = Grid(shape=tuple(resampled.data.shape), affine=resampled.affine)
         labels, _, _ = render_labels_and_hu(scan.phantom, grid)
     else:
         labels = _canonical_labels_on(resampled, scan.labels)
@@ -200,21 +201,21 @@ def prepare_data(cfg: TrainConfig, ct_dir: Path, log: Callable[[str], None]) -> 
     # intensity statistics of labelled voxels, as nnU-Net computes them (sampled per case)
     rng = np.random.default_rng([cfg.seed, 17])
     fg = []
-    for _, _, res, lab, mask in raw:
-        sel = lab > 0 if mask is None else (lab > 0) & mask
-        vals = np.asarray(res.data)[sel].astype(np.float32)
+    for _, _, r_img, r_lab, r_mask in raw:
+        sel = r_lab > 0 if r_mask is None else (r_lab > 0) & r_mask
+        vals = np.asarray(r_img.data)[sel].astype(np.float32)
         fg.append(vals if len(vals) <= 10000 else vals[rng.choice(len(vals), 10000, replace=False)])
     props = intensity_properties(np.concatenate(fg))
     lo, hi, mean, std = props["percentile_00_5"], props["percentile_99_5"], props["mean"], props["std"]
     samples = []
-    for name, source, res, lab, mask in raw:
-        arr = np.transpose(np.asarray(res.data), (2, 1, 0))  # nnU-Net order for SimpleITK-read plans
+    for name, source, r_img, r_lab, r_mask in raw:
+        arr = np.transpose(np.asarray(r_img.data), (2, 1, 0))  # nnU-Net order for SimpleITK-read plans
         bbox = nonzero_bbox(arr)
         sl = tuple(slice(a, b) for a, b in bbox)
         img = np.clip(arr[sl].astype(np.float32), lo, hi)
         img = (img - np.float32(mean)) / np.float32(max(std, 1e-8))
-        labs = np.ascontiguousarray(np.transpose(lab, (2, 1, 0))[sl])
-        msk = None if mask is None else np.ascontiguousarray(np.transpose(mask, (2, 1, 0))[sl])
+        labs = np.ascontiguousarray(np.transpose(r_lab, (2, 1, 0))[sl])
+        msk = None if r_mask is None else np.ascontiguousarray(np.transpose(r_mask, (2, 1, 0))[sl])
         s = Sample(name=name, source=source, image=np.ascontiguousarray(img, dtype=np.float32), labels=labs, mask=msk)
         s.class_voxels = _class_voxels(labs, msk, rng)
         samples.append(s)
@@ -234,13 +235,14 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
 
 def sample_crop(sample: Sample, rng: np.random.Generator, crop: int | tuple[int, int, int], *, augment: bool = True,
                 centre: np.ndarray | None = None, class_power: float = 0.0,
-                class_counts: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                class_counts: dict[int, int] | None = None,
+                class_focus: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One augmented crop of ``crop`` voxels (one size or (z, y, x)): (image float32, target int64 with -100 where
     there is no loss)).
 
     The centre (voxel indices, nnU-Net order) is drawn: 2/3 of the time near a voxel of a class present (all
-    classes equally likely, or with probability ``count ** class_power`` given ``class_counts``), else anywhere
-    in the loss mask / volume; ``centre`` fixes it instead.
+    classes equally likely, or with probability ``count ** class_power`` given ``class_counts``, times
+    ``class_focus[class]`` where given), else anywhere in the loss mask / volume; ``centre`` fixes it instead.
     """
     from scipy import ndimage
 
@@ -251,8 +253,10 @@ def sample_crop(sample: Sample, rng: np.random.Generator, crop: int | tuple[int,
         centre = np.asarray(centre, dtype=np.float64)
     elif sample.class_voxels and r < 0.67:
         classes = sorted(sample.class_voxels)
-        if class_power > 0 and class_counts:
-            pw = np.array([float(class_counts.get(c, 1)) ** class_power for c in classes])
+        if (class_power > 0 and class_counts) or class_focus:
+            power = class_power if class_counts else 0.0
+            focus = class_focus or {}
+            pw = np.array([float((class_counts or {}).get(c, 1)) ** power * focus.get(c, 1.0) for c in classes])
             k = classes[int(rng.choice(len(classes), p=pw / pw.sum()))]
         else:
             k = classes[int(rng.integers(len(classes)))]
@@ -394,6 +398,12 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     for c in (cfg.crop, cfg.crop_start or cfg.crop):
         if len(c) != 3 or any(int(v) % 16 or int(v) < 16 for v in c):
             raise InputError(f"crop {tuple(c)} must be three multiples of 16 (the network's total stride)")
+    from .classes import NAME_TO_ID
+
+    unknown = sorted(set(cfg.class_focus) - set(NAME_TO_ID))
+    if unknown:
+        raise InputError(f"--focus names unknown classes: {', '.join(unknown)} (use TotalSegmentator class names)")
+    focus_ids = {NAME_TO_ID[n]: float(f) for n, f in cfg.class_focus.items()} or None
     t_start = time.perf_counter()
     samples, props, t_made = _cached_data(cfg, Path(ct_dir), work, log)
     t_data = time.perf_counter() - t_start if t_made is None else t_made
@@ -429,8 +439,8 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     counts = np.zeros(len(active))
     lut0 = {k: i for i, k in enumerate(active)}
     for smp in samples:
-        u, c = np.unique(smp.labels if smp.mask is None else smp.labels[smp.mask], return_counts=True)
-        for k, n in zip(u, c):
+        u, cnt = np.unique(smp.labels if smp.mask is None else smp.labels[smp.mask], return_counts=True)
+        for k, n in zip(u, cnt):
             counts[lut0[int(k)]] += n
     class_weights = None
     if cfg.ce_class_power > 0:
@@ -480,11 +490,11 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
         rng = np.random.default_rng([cfg.seed, 99991, step])
         xs, ys = [], []
         for _ in range(cfg.batch):
-            src = sources[int(rng.choice(len(sources), p=weights))]
-            pool = by_source[src]
+            pool = by_source[sources[int(rng.choice(len(sources), p=weights))]]
             crop = cfg.crop_start if cfg.crop_start and step < int(cfg.crop_switch * cfg.steps) else cfg.crop
             smp = pool[int(rng.integers(len(pool)))]
-            img, tgt = sample_crop(smp, rng, crop, class_power=cfg.class_power, class_counts=counts_of[smp.name])
+            img, tgt = sample_crop(smp, rng, crop, class_power=cfg.class_power, class_counts=counts_of[smp.name],
+                                   class_focus=focus_ids)
             xs.append(img[None])
             ys.append(np.where(tgt >= 0, lut[np.clip(tgt, 0, 255)], -100))
         x = torch.from_numpy(np.stack(xs))
@@ -695,6 +705,15 @@ def _crop_text(cfg: dict[str, Any]) -> str:
     return final
 
 
+def _csv_focus(cfg: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:g}" for k, v in cfg.get("class_focus", {}).items())
+
+
+def _focus_text(cfg: dict[str, Any]) -> str:
+    focus = cfg.get("class_focus") or {}
+    return " (odds " + ", ".join(f"{k} x{v:g}" for k, v in focus.items()) + ")" if focus else ""
+
+
 def _source_text(cfg: dict[str, Any]) -> str:
     sw = cfg["source_weights"]
     return ",".join(f"{sw[k]:g}" for k in ("phantom", "example_ct_sm", "example_ct"))
@@ -739,8 +758,8 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
         "* `example_ct_sm` with `example_seg_fast` (the real fast model's labels, 40 classes) and the full",
         "  `example_ct` with the loss only on the slices those labels cover (TotalSegmentator's Apache-2.0 test data).",
         (f"* Random crops of {_crop_text(cfg)} voxels (z, y, x; 3 mm); batch {cfg['batch']}; source weights"
-         f" {cfg['source_weights']}; crop centres by class with power {cfg.get('class_power', 0.0):g};"
-         f" cross-entropy class weights ~ voxel count ^ -{cfg.get('ce_class_power', 0.0):g};"),
+         f" {cfg['source_weights']}; crop centres by class with power {cfg.get('class_power', 0.0):g}"
+         f"{_focus_text(cfg)}; cross-entropy class weights ~ voxel count ^ -{cfg.get('ce_class_power', 0.0):g};"),
         "  rotation +-10 deg in-plane / +-4 deg out of plane, scaling 0.9-1.12, intensity scale/shift, noise, blur.",
         (f"* {cfg['steps']} steps of {_optimizer_text(cfg)}, cross-entropy + soft Dice"
          f"{' with deep supervision (1, 1/2, 1/4, 1/8 resolution)' if cfg.get('deep_supervision') else ''},"
@@ -754,6 +773,7 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
          f" --lr {cfg['lr']} --head-lr-mult {cfg.get('head_lr_mult', 1.0):g} --class-power"
          f" {cfg.get('class_power', 0.0):g} --ce-class-power {cfg.get('ce_class_power', 0.0):g}"
          f" --source-weights {_source_text(cfg)}"
+         f"{' --focus ' + _csv_focus(cfg) if cfg.get('class_focus') else ''}"
          f" --phantoms {cfg['n_phantoms']}"
          f"{' --init-from STAGE_BEFORE' if cfg.get('init_from') else ''}"
          f" --seed {cfg['seed']} --threads {cfg['threads']} --force` (writes this folder; bit-identical only with the"
@@ -763,8 +783,11 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
     stage = 1
     while prev:
         pc = prev["config"]
-        lines.append(f"* Earlier stage (this one started from its weights): {pc['steps']} steps, crops "
-                     f"{_crop_text(pc)}, {_optimizer_text(pc)}, crop-centre class power {pc.get('class_power', 0.0):g},"
+        done = (f"{pc['stopped_at']} steps (stopped early, of a {pc['steps']}-step schedule)" if pc.get("stopped_at")
+                else f"{pc['steps']} steps")
+        lines.append(f"* Earlier stage (this one started from its weights): {done}, crops "
+                     f"{_crop_text(pc)}, {_optimizer_text(pc)}, crop-centre class power {pc.get('class_power', 0.0):g}"
+                     f"{_focus_text(pc)},"
                      f" cross-entropy class-weight power {pc.get('ce_class_power', 0.0):g}, source weights"
                      f" {pc['source_weights']},"
                      f" training {prev['seconds']['train'] / 60:.1f} min.")

@@ -131,7 +131,7 @@ def write_phantom(ct: str | Path, labels: str | Path | None = None, *, seed: int
     for p in outs.values():
         check_writable(p, force)
     base = make_scan(seed, spacing=spacing, orientation=orientation, oblique_deg=oblique_deg)
-    grid = Grid(shape=base.ct.shape, affine=base.affine)  # type: ignore[arg-type]
+    grid = Grid(shape=base.ct.shape, affine=base.affine)
     fu_scan = None
     if follow_up is not None:
         fu_scan = make_scan(seed, grid=grid, follow_up=True, motion_seed=motion_seed)

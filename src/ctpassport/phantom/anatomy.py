@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -560,7 +561,7 @@ def build_phantom(seed: int = 0) -> Phantom:
                 else:
                     z_att = (cart7_end[2] if cart7_end is not None else end_rib[2]) - 6.0 * (k - 7)
                     phi_e = math.pi - 0.3 - 0.08 * (k - 7)
-                cpts = [end_rib]
+                cpts: list[Any] = [end_rib]
                 for t in np.linspace(0.2, 1.0, 5):
                     phi = phi1 + (phi_e - phi1) * t
                     zq = end_rib[2] + (z_att - end_rib[2]) * t

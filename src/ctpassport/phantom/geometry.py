@@ -73,11 +73,12 @@ class Ellipsoid(Shape):
 
     def inside(self, x: Array, y: Array, z: Array) -> Array:
         dx, dy, dz = x - self.center[0], y - self.center[1], z - self.center[2]
-        acc = None
+        acc: Array | None = None
         for k in range(3):
             r = self.rotation[:, k]
             u = (r[0] * dx + r[1] * dy + r[2] * dz) / self.radii[k]
             acc = u * u if acc is None else acc + u * u
+        assert acc is not None  # the loop above always runs (3 axes)
         return acc <= 1.0
 
     def bbox(self) -> tuple[Array, Array]:
@@ -222,7 +223,7 @@ class Swept(Shape):
         )
 
     def params(self, z: Array) -> tuple[Array, Array, Array, Array]:
-        return tuple(np.interp(z, self.zs, v) for v in (self.xc, self.yc, self.a, self.b))  # type: ignore[return-value]
+        return tuple(np.interp(z, self.zs, v) for v in (self.xc, self.yc, self.a, self.b))
 
     def inside(self, x: Array, y: Array, z: Array) -> Array:
         zf = np.asarray(z)
@@ -256,11 +257,12 @@ class Box(Shape):
 
     def inside(self, x: Array, y: Array, z: Array) -> Array:
         dx, dy, dz = x - self.center[0], y - self.center[1], z - self.center[2]
-        ok = None
+        ok: Array | None = None
         for k in range(3):
             r = self.rotation[:, k]
             u = np.abs(r[0] * dx + r[1] * dy + r[2] * dz) <= self.half[k]
             ok = u if ok is None else ok & u
+        assert ok is not None  # the loop above always runs (3 axes)
         return ok
 
     def bbox(self) -> tuple[Array, Array]:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -29,6 +31,9 @@ from ..io.atomic import write_text_atomic
 
 TRANSFORM_KIND = "ctpassport.phantom.true_transform"
 TRANSFORM_VERSION = 1
+
+_Vec3 = tuple[float, float, float]
+_Rotation3 = tuple[tuple[float, float, float], ...]
 
 
 @dataclass(frozen=True)
@@ -125,14 +130,15 @@ class TrueTransform:
         if d.get("kind") != TRANSFORM_KIND:
             raise InputError(f"not a phantom true transform (kind {d.get('kind')!r})", path)
         try:
-            deform = dict(d["deformation"])  # type: ignore[arg-type]
+            deform = dict(cast("dict[str, Any]", d["deformation"]))
             deform["diaphragm_center"] = tuple(float(v) for v in deform["diaphragm_center"])
             return cls(
-                rotation=tuple(tuple(float(v) for v in row) for row in d["rotation"]),  # type: ignore[union-attr]
-                center=tuple(float(v) for v in d["center"]),  # type: ignore[union-attr]
-                translation=tuple(float(v) for v in d["translation"]),  # type: ignore[union-attr]
-                deformation=Deformation(**{k: (float(v) if not isinstance(v, tuple) else v)
-                                           for k, v in deform.items()}),
+                rotation=cast(_Rotation3, tuple(tuple(float(v) for v in row)
+                                                for row in cast("Iterable[Iterable[Any]]", d["rotation"]))),
+                center=cast(_Vec3, tuple(float(v) for v in cast("Iterable[Any]", d["center"]))),
+                translation=cast(_Vec3, tuple(float(v) for v in cast("Iterable[Any]", d["translation"]))),
+                deformation=Deformation(**cast("dict[str, Any]", {k: (float(v) if not isinstance(v, tuple) else v)
+                                                                  for k, v in deform.items()})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"malformed phantom true transform ({exc})", path) from None
@@ -176,7 +182,7 @@ def sample_motion(rng: np.random.Generator, *, center: np.ndarray, diaphragm: np
     shift = rng.uniform(0.4, 1.0) * max_breath_mm * (-1 if rng.random() < 0.7 else 1)
     deform = Deformation(
         diaphragm_shift=float(shift),
-        diaphragm_center=tuple(float(v) for v in diaphragm),  # type: ignore[arg-type]
+        diaphragm_center=cast(_Vec3, tuple(float(v) for v in diaphragm)),
         sigma_z=float(rng.uniform(80.0, 110.0)),
         sigma_xy=float(rng.uniform(140.0, 180.0)),
         chest_expansion=float(rng.uniform(0.3, 1.0) * 0.5 * max_breath_mm),
@@ -185,7 +191,7 @@ def sample_motion(rng: np.random.Generator, *, center: np.ndarray, diaphragm: np
         chest_y0=float(chest_y0),
         chest_length=200.0,
     )
-    return TrueTransform(rotation=tuple(tuple(float(v) for v in row) for row in rot),  # type: ignore[arg-type]
-                         center=tuple(float(v) for v in center),  # type: ignore[arg-type]
-                         translation=tuple(float(v) for v in trans),  # type: ignore[arg-type]
+    return TrueTransform(rotation=cast(_Rotation3, tuple(tuple(float(v) for v in row) for row in rot)),
+                         center=cast(_Vec3, tuple(float(v) for v in center)),
+                         translation=cast(_Vec3, tuple(float(v) for v in trans)),
                          deformation=deform)

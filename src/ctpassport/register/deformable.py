@@ -33,8 +33,9 @@ every voxel is slow) or SimpleITK's landmark B-spline (``sitk-bspline``:
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -663,8 +664,9 @@ class DeformableFit:
     organs: list[dict[str, Any]]
     n_pairs: int
     iterations: list[dict[str, float]]
-    seconds: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    # ``dataclasses.field``, not ``field``: the attribute ``field`` above shadows the name for type checkers
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 #: Gaussian widths (mm) of the point-to-plane updates, one per iteration (stiff to supple).

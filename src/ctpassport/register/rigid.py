@@ -333,9 +333,9 @@ def fit_rigid_passports(
     lm = np.array([m.eigenvalues_mm2 for _, m in pairs])
     axw = np.zeros((n, 2))
     if use_axes and axis_weight > 0:
-        for i in np.flatnonzero(~cut):
-            gf, gm = _axis_gaps(lf[i]), _axis_gaps(lm[i])
-            axw[i] = [axis_trust(min(gf[0], gm[0])), axis_trust(min(gf[1], gm[1]))]
+        for ic in np.flatnonzero(~cut):
+            gf, gm = _axis_gaps(lf[ic]), _axis_gaps(lm[ic])
+            axw[ic] = [axis_trust(min(gf[0], gm[0])), axis_trust(min(gf[1], gm[1]))]
     length = np.sqrt(np.maximum(0.5 * (lf + lm), 0.0))  # (n, 3) SD along each axis, mm
     axes_idx = (0, 2)
 

@@ -171,7 +171,7 @@ class GridSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GridSpec:
-        return cls(tuple(d["shape"]), np.asarray(d["affine_ras"], dtype=np.float64))  # type: ignore[arg-type]
+        return cls(tuple(d["shape"]), np.asarray(d["affine_ras"], dtype=np.float64))
 
 
 def bounding_grid(

@@ -159,7 +159,7 @@ class Scene:
 
     @property
     def grid(self) -> GridSpec:
-        return GridSpec(self.labels.shape, self.affine)  # type: ignore[arg-type]
+        return GridSpec(self.labels.shape, self.affine)
 
 
 @dataclass
@@ -227,7 +227,7 @@ def run_case(scene: Scene, spec: CaseSpec, *, n_points: int = 2000, keep_arrays:
         mlabels, maff, crop_info = _crop_grid(mlabels, scene.affine, spec.crop, rng)
         if mct is not None:
             mct = None  # the body mask then comes from the labels (the CT crop is not needed)
-    mgrid = GridSpec(mlabels.shape, maff)  # type: ignore[arg-type]
+    mgrid = GridSpec(mlabels.shape, maff)
     mp = _passport(mlabels, maff, seed=spec.seed + 1, points=scene.points)
     fp = scene.passport
     removed: list[int] = []
@@ -332,7 +332,7 @@ def noise_floor(
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Two segmentations of one scan registered to each other; the truth is the identity."""
     rng = np.random.default_rng(seed)
-    other_grid = GridSpec(other_labels.shape, other_affine)  # type: ignore[arg-type]
+    other_grid = GridSpec(other_labels.shape, other_affine)
     mp = _passport(other_labels, other_affine, seed=seed + 1, points=scene.points)
     idx = np.argwhere(body_mask(scene.labels, scene.ct))
     idx = idx[rng.choice(len(idx), min(n_points, len(idx)), replace=False)]
@@ -582,11 +582,13 @@ def run_suite(
             )
             records.append(co.record)
             if keep and co.warped is not None:
+                # run_case(keep_arrays=True) fills all the arrays together
+                assert co.fixed_labels is not None and co.moving_on_fixed is not None and co.affine is not None
                 pictures.append(
                     (
                         f"overlay_amplitude{amp:g}.png",
                         co.fixed_labels,
-                        [  # type: ignore[list-item]
+                        [
                             ("before registration", co.moving_on_fixed),
                             ("after deformable registration", co.warped),
                         ],
@@ -685,6 +687,8 @@ def run_suite(
             )
             trecs.append(co.record)
             if c == 0 and co.warped is not None:
+                # run_case(keep_arrays=True) fills all the arrays together
+                assert co.fixed_labels is not None and co.moving_on_fixed is not None and co.affine is not None
                 pictures.append(
                     (
                         "overlay_full_fov.png",
@@ -1012,7 +1016,7 @@ def validate_learn2reg(
         )
         rows.append(row)
     ok = [r for r in rows if "error" not in r]
-    summary = {
+    summary: dict[str, Any] = {
         "pairs": len(rows),
         "evaluated": len(ok),
         "tre_identity_mm": _mean([r["tre_identity"]["mean"] for r in ok]),

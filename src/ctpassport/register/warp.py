@@ -37,7 +37,7 @@ def resample(
     from scipy.ndimage import map_coordinates
 
     data = np.asarray(moving)
-    mgrid = GridSpec(data.shape[:3], moving_affine)  # type: ignore[arg-type]
+    mgrid = GridSpec(data.shape[:3], moving_affine)
     if fill is None:
         fill = 0 if labels else float(data.min()) if data.size else 0.0
     out_dtype = data.dtype if labels else np.float32

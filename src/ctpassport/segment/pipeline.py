@@ -129,7 +129,7 @@ class Segmenter:
         if resample is not None:  # e.g. the GPU backend resamples on the device
             resampled = resample(image, spacing_nib)
         else:
-            resampled = to_model_grid(image, spacing_nib, fast=self.mode == "fast")  # type: ignore[arg-type]
+            resampled = to_model_grid(image, spacing_nib, fast=self.mode == "fast")
         return resampled, network_input(resampled, self.model)
 
     def n_tiles(self, net_input: NetworkInput) -> int:

@@ -50,7 +50,7 @@ def calibration_inputs(model: ModelFolder, images: list[Path], n: int = 8, seed:
     rng = np.random.default_rng(seed)
     volumes = []
     for path in images:
-        net_in = network_input(to_model_grid(read_image(path, kind="CT"), spacing_nib), model)  # type: ignore[arg-type]
+        net_in = network_input(to_model_grid(read_image(path, kind="CT"), spacing_nib), model)
         padded, _ = pad_to_patch(net_in.data, patch)
         volumes.append(padded)
     if not volumes:
@@ -71,7 +71,9 @@ def calibration_inputs(model: ModelFolder, images: list[Path], n: int = 8, seed:
             b = min(size, s + p)
             src.append(slice(a, b))
             dst.append(slice(a - s, b - s))
-        win[(0, 0, *dst)] = vol[(0, *src)]
+        dst_index: tuple[int | slice, ...] = (0, 0, *dst)
+        src_index: tuple[int | slice, ...] = (0, *src)
+        win[dst_index] = vol[src_index]
         out.append(win)
     return out[:n]
 

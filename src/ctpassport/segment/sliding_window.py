@@ -122,7 +122,8 @@ def sliding_window_logits(
             for c in range(num_classes):
                 p = pred[c]
                 p *= g32
-                region = acc[(c, *sl)]
+                index: tuple[int | slice, ...] = (c, *sl)
+                region = acc[index]
                 if accumulate == "fp16":
                     tmp = region.astype(np.float32)
                     tmp += p
@@ -217,7 +218,7 @@ def sliding_window_labels(
     space = padded.shape[1:]
     slicers = tiles(space, patch, step)
     if len(slicers) == 1 and hasattr(predict, "predict_labels"):
-        labels = predict.predict_labels(padded[None])[0]  # type: ignore[attr-defined]
+        labels = predict.predict_labels(padded[None])[0]
         if progress is not None:
             progress(1)
         return np.ascontiguousarray(labels[unpad])
