@@ -32,8 +32,8 @@ HELDOUT_SEED = 0
 LARGE_ORGAN_DICE = 0.9
 PARITY_MEAN_DICE = 0.995
 #: Held-out Dice the shipped model reaches (measured, MODEL_CARD.md); the issue's bar is LARGE_ORGAN_DICE.
-SHIPPED_FLOORS = {"lung_left": 0.9, "lung_right": 0.9, "liver": 0.8, "heart": 0.8, "stomach": 0.75,
-                  "kidney_left": 0.7}
+SHIPPED_FLOORS = {"lung_left": 0.93, "lung_right": 0.95, "liver": 0.9, "heart": 0.9, "stomach": 0.9,
+                  "kidney_left": 0.88, "kidney_right": 0.83, "spleen": 0.78, "urinary_bladder": 0.79}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_example_ct_sm_figure_is_the_stated_one(demo_segmenter, ct_dir: Path, ev
     print(json.dumps({"example_ct_sm_mean_dice": round(mean, 4), "stated": stated}))
     assert mean == pytest.approx(stated, abs=0.005)
     # it trained on this slab: a pipeline oracle (orientation, normalisation, padding); a broken pipeline gives ~0
-    assert mean > 0.3
+    assert mean > 0.45
     card = (DEMO_DIR / "MODEL_CARD.md").read_text()
     assert str(stated) in card
 
@@ -311,7 +311,9 @@ def test_shipped_training_record(evaluation: dict) -> None:
     assert cfg["seed"] == 0 and cfg["phantom_seed0"] > HELDOUT_SEED  # the held-out seed was never trained on
     losses = [h[1] for h in rec["history"]]
     tenth = max(1, len(losses) // 10)
-    assert len(losses) > 10 and np.mean(losses[-tenth:]) < 0.9 * np.mean(losses[:tenth])  # the loss went down
+    # the loss went down: by 10 % in a stage trained from scratch, at all in a further (fine-tuning) stage
+    factor = 1.0 if cfg.get("init_from") else 0.9
+    assert len(losses) > 10 and np.mean(losses[-tenth:]) < factor * np.mean(losses[:tenth])
     assert rec["intensity"]["std"] > 0
     for src in ("example_ct_sm", "example_ct_slab", f"phantom_heldout_seed{HELDOUT_SEED}"):
         assert evaluation[src]["mean_dice"] is not None

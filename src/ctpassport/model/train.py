@@ -705,6 +705,11 @@ def _crop_text(cfg: dict[str, Any]) -> str:
     return final
 
 
+def _ce_text(cfg: dict[str, Any]) -> str:
+    power = float(cfg.get("ce_class_power", 0.0))
+    return f"cross-entropy class weights ~ voxel count ^ -{power:g}" if power > 0 else "unweighted cross-entropy"
+
+
 def _csv_focus(cfg: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" for k, v in cfg.get("class_focus", {}).items())
 
@@ -759,7 +764,7 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
         "  `example_ct` with the loss only on the slices those labels cover (TotalSegmentator's Apache-2.0 test data).",
         (f"* Random crops of {_crop_text(cfg)} voxels (z, y, x; 3 mm); batch {cfg['batch']}; source weights"
          f" {cfg['source_weights']}; crop centres by class with power {cfg.get('class_power', 0.0):g}"
-         f"{_focus_text(cfg)}; cross-entropy class weights ~ voxel count ^ -{cfg.get('ce_class_power', 0.0):g};"),
+         f"{_focus_text(cfg)}; {_ce_text(cfg)};"),
         "  rotation +-10 deg in-plane / +-4 deg out of plane, scaling 0.9-1.12, intensity scale/shift, noise, blur.",
         (f"* {cfg['steps']} steps of {_optimizer_text(cfg)}, cross-entropy + soft Dice"
          f"{' with deep supervision (1, 1/2, 1/4, 1/8 resolution)' if cfg.get('deep_supervision') else ''},"
