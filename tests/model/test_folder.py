@@ -126,6 +126,17 @@ def test_unknown_network_class(folder_copy: Path) -> None:
         load_model_folder(folder_copy)
 
 
+@pytest.mark.parametrize("props", [None, [1, 2], {"mean": 1.0, "std": "wide", "percentile_00_5": -1000,
+                                                  "percentile_99_5": 1000}])
+def test_bad_intensity_properties(folder_copy: Path, props: object) -> None:
+    """A null, non-object or non-numeric entry is a one-line ModelError, not a TypeError from deep inside."""
+    plans = json.loads((folder_copy / "plans.json").read_text())
+    plans["foreground_intensity_properties_per_channel"] = {"0": props}
+    (folder_copy / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelError, match="intensity properties"):
+        load_model_folder(folder_copy)
+
+
 def test_broken_json(folder_copy: Path) -> None:
     (folder_copy / "plans.json").write_text("{ not json")
     with pytest.raises(ModelError, match="plans.json is not valid JSON"):

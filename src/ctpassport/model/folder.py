@@ -250,11 +250,15 @@ def load_model_folder(path: str | Path, *, check_checkpoint: bool = True) -> Mod
     props_all = plans.get("foreground_intensity_properties_per_channel",
                           plans.get("foreground_intensity_properties_by_modality", {}))
     props: Any = props_all.get("0", props_all.get(0, {})) if isinstance(props_all, dict) else {}  # JSON value
+    if not isinstance(props, dict):
+        raise ModelError(f"plans.json's intensity properties of channel 0 are {type(props).__name__}, not an object",
+                         plans_path)
     if norms[0] == "CTNormalization":
-        missing = [k for k in ("mean", "std", "percentile_00_5", "percentile_99_5") if k not in props]
+        missing = [k for k in ("mean", "std", "percentile_00_5", "percentile_99_5")
+                   if not isinstance(props.get(k), (int, float)) or isinstance(props.get(k), bool)]
         if missing:
-            raise ModelError(f"plans.json lacks intensity properties {missing} needed by CTNormalization",
-                             plans_path)
+            raise ModelError(f"plans.json lacks intensity properties {missing} needed by CTNormalization "
+                             "(each a number)", plans_path)
     channels = dataset.get("channel_names", dataset.get("modality", {}))
     if len(channels) != 1:
         raise ModelError(f"dataset.json lists {len(channels)} input channels; ctpassport runs 1-channel CT models",
