@@ -254,9 +254,8 @@ def sample_crop(sample: Sample, rng: np.random.Generator, crop: int | tuple[int,
     elif sample.class_voxels and r < 0.67:
         classes = sorted(sample.class_voxels)
         if (class_power > 0 and class_counts) or class_focus:
-            power = class_power if class_counts else 0.0
-            focus = class_focus or {}
-            pw = np.array([float((class_counts or {}).get(c, 1)) ** power * focus.get(c, 1.0) for c in classes])
+            counts, focus = class_counts or {}, class_focus or {}
+            pw = np.array([float(counts.get(c, 1)) ** class_power * focus.get(c, 1.0) for c in classes])
             k = classes[int(rng.choice(len(classes), p=pw / pw.sum()))]
         else:
             k = classes[int(rng.integers(len(classes)))]

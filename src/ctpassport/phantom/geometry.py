@@ -38,6 +38,12 @@ def fibonacci_sphere(n: int) -> Array:
     return np.stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)], axis=1)
 
 
+def _frame_coords(center: Array, rotation: Array, x: Array, y: Array, z: Array) -> list[Array]:
+    """Coordinates of body-frame points along the columns of ``rotation`` about ``center``: ``R^T (p - c)`` (mm)."""
+    dx, dy, dz = x - center[0], y - center[1], z - center[2]
+    return [rotation[0, k] * dx + rotation[1, k] * dy + rotation[2, k] * dz for k in range(3)]
+
+
 class Shape:
     """Base class: subclasses implement :meth:`inside` and :meth:`bbox` (body frame, mm)."""
 
@@ -72,14 +78,8 @@ class Ellipsoid(Shape):
         return self.rotation * self.radii[None, :]
 
     def inside(self, x: Array, y: Array, z: Array) -> Array:
-        dx, dy, dz = x - self.center[0], y - self.center[1], z - self.center[2]
-        acc: Array | None = None
-        for k in range(3):
-            r = self.rotation[:, k]
-            u = (r[0] * dx + r[1] * dy + r[2] * dz) / self.radii[k]
-            acc = u * u if acc is None else acc + u * u
-        assert acc is not None  # the loop above always runs (3 axes)
-        return acc <= 1.0
+        u0, u1, u2 = (u / r for u, r in zip(_frame_coords(self.center, self.rotation, x, y, z), self.radii))
+        return u0 * u0 + u1 * u1 + u2 * u2 <= 1.0
 
     def bbox(self) -> tuple[Array, Array]:
         half = np.sqrt(((self.rotation * self.radii[None, :]) ** 2).sum(axis=1))
@@ -256,14 +256,8 @@ class Box(Shape):
         self.rotation = np.asarray(self.rotation, dtype=np.float64)
 
     def inside(self, x: Array, y: Array, z: Array) -> Array:
-        dx, dy, dz = x - self.center[0], y - self.center[1], z - self.center[2]
-        ok: Array | None = None
-        for k in range(3):
-            r = self.rotation[:, k]
-            u = np.abs(r[0] * dx + r[1] * dy + r[2] * dz) <= self.half[k]
-            ok = u if ok is None else ok & u
-        assert ok is not None  # the loop above always runs (3 axes)
-        return ok
+        u0, u1, u2 = _frame_coords(self.center, self.rotation, x, y, z)
+        return (np.abs(u0) <= self.half[0]) & (np.abs(u1) <= self.half[1]) & (np.abs(u2) <= self.half[2])
 
     def bbox(self) -> tuple[Array, Array]:
         half = np.abs(self.rotation) @ self.half
