@@ -105,7 +105,8 @@ def _valid_passport_json(tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", ["not_json", "truncated", "not_an_object", "bad_version", "missing_grid",
-                                  "ascending_eigenvalues", "bad_point", "extra_field", "duplicate_ids"])
+                                  "ascending_eigenvalues", "bad_point", "extra_field", "duplicate_ids",
+                                  "normals_count", "normal_not_unit"])
 def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> None:
     good = _valid_passport_json(tmp_path)
     bad = tmp_path / "bad.json"
@@ -132,6 +133,12 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
         elif case == "bad_point":
             good["organs"][0]["boundary_points_mm"][0] = [1.0, 2.0]
             doc, words = good, ("boundary_points_mm",)
+        elif case == "normals_count":
+            good["organs"][0]["boundary_normals"].pop()
+            doc, words = good, ("boundary_normals", "one normal per point")
+        elif case == "normal_not_unit":
+            good["organs"][0]["boundary_normals"][0] = [0.5, 0.0, 0.0]
+            doc, words = good, ("boundary_normals", "unit")
         elif case == "extra_field":
             good["organs"][0]["colour"] = "red"
             doc, words = good, ("colour",)
@@ -144,3 +151,19 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
     out = tmp_path / "pic.png"
     _run_fails(["show", str(bad), "-o", str(out), "--html", str(tmp_path / "pic.html")], out, 2, "bad.json", *words)
     assert not (tmp_path / "pic.html").exists()
+
+
+def test_schema_1_1_passport_without_normals_still_loads(tmp_path: Path) -> None:
+    """Passports written before schema 1.2 have no ``boundary_normals``: they load (normals None); a 1.2 passport
+    has one unit normal per boundary point."""
+    doc = _valid_passport_json(tmp_path)
+    assert doc["schema_version"] == "1.2"
+    o = doc["organs"][0]
+    assert len(o["boundary_normals"]) == len(o["boundary_points_mm"])
+    for organ in doc["organs"]:
+        del organ["boundary_normals"]
+    doc["schema_version"] = "1.1"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc))
+    p = load_passport(old)
+    assert p.schema_version == "1.1" and all(o.boundary_normals is None for o in p.organs)

@@ -160,3 +160,53 @@ def test_empty_label_map_gives_an_empty_passport_and_a_warning() -> None:
     with pytest.warns(PassportWarning, match="empty"):
         p = build_passport(np.zeros((5, 6, 7), dtype=np.uint8), np.eye(4))
     assert p.organs == [] and p.warnings and "empty" in p.warnings[0]
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 3.0, 3.0), (1.5, 1.5, 2.0), (0.8, 0.8, 2.5)])
+@pytest.mark.parametrize("orient", ["RAS", "LPS", "oblique"])
+def test_boundary_normals_point_outward_on_a_ball(orient: str, spacing: tuple[float, float, float]) -> None:
+    """A ball's outward normal at a surface point is the radial direction: the label-map estimate stays within
+    13 degrees of it on average and 25 degrees at the 95th percentile (measured 6-12 and 13-21), in world
+    coordinates whatever the grid's orientation, on isotropic, mildly and strongly anisotropic voxels."""
+    aff = grid_affines(spacing)[orient]
+    sp, r_mm = np.asarray(spacing), 30.0
+    shape = tuple(int(2 * r_mm / v) + 6 for v in spacing)
+    g = np.indices(shape, dtype=np.float64)
+    d2 = sum(((g[a] - (shape[a] - 1) / 2) * sp[a]) ** 2 for a in range(3))
+    p = build_passport((d2 <= r_mm**2).astype(np.uint8), aff, points=400)
+    o = p.organs[0]
+    pts, nrm = np.asarray(o.boundary_points_mm), np.asarray(o.boundary_normals)
+    assert pts.shape == nrm.shape == (400, 3)
+    np.testing.assert_allclose(np.linalg.norm(nrm, axis=1), 1.0, atol=2e-3)
+    radial = pts - np.asarray(o.centroid_mm)
+    cos = np.einsum("ni,ni->n", radial / np.linalg.norm(radial, axis=1, keepdims=True), nrm)
+    angle = np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    assert angle.mean() < 13.0 and np.percentile(angle, 95) < 25.0
+
+
+def test_boundary_normals_of_a_box_and_at_the_image_border() -> None:
+    """On a box's flat faces (beyond the stencil's reach from its edges) the normal is exactly the face's outward axis, in world
+    (RAS+) terms under an LPS affine; where the box touches the image border there are no points (the border
+    is not a surface) and the normals next to it still point along the faces, not out of the image."""
+    lab = np.zeros((20, 16, 12), dtype=np.uint8)
+    lab[4:16, 3:13, 0:9] = 7  # touches the k = 0 border
+    aff = np.diag([-2.0, -2.0, 3.0, 1.0])  # i -> Left, j -> Posterior, k -> Superior
+    p = build_passport(lab, aff, points=10_000)
+    o = p.organs[0]
+    vox = np.rint(np.linalg.solve(aff[:3, :3], (np.asarray(o.boundary_points_mm) - aff[:3, 3]).T).T).astype(int)
+    nrm = np.asarray(o.boundary_normals)
+    expect = {(0, 4): (2.0, 0, 0), (0, 15): (-2.0, 0, 0), (1, 3): (0, 2.0, 0), (1, 12): (0, -2.0, 0),
+              (2, 8): (0, 0, 3.0)}
+    checked = 0
+    for (ax, face), world in expect.items():
+        others = [a for a in range(3) if a != ax]
+        lo, hi = (4, 3, 0), (15, 12, 8)  # the box's first and last voxel per axis
+        reach = (2, 2, 1)  # the stencil's reach on this grid (2 x 2 x 3 mm voxels: about 3 mm each way)
+        on = (vox[:, ax] == face) & np.all([(vox[:, a] >= lo[a] + reach[a]) & (vox[:, a] <= hi[a] - reach[a])
+                                            for a in others], axis=0)
+        w = np.asarray(world, dtype=float)
+        np.testing.assert_allclose(nrm[on], np.tile(w / np.linalg.norm(w), (int(on.sum()), 1)), atol=1e-3)
+        checked += int(on.sum())
+    assert checked > 100
+    border = vox[:, 2] == 0  # side-face points on the image's first slice: no component out of the image
+    assert border.sum() > 10 and np.all(np.abs(nrm[border][:, 2]) < 1e-3)

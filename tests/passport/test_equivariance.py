@@ -2,7 +2,7 @@
 
 Stated tolerances: centroids 1e-6 mm, covariances 1e-6 mm^2 (relative to their size), eigenvalues 1e-8
 relative, principal axes within 1e-6 (as unit vectors, up to sign: an axis has no direction), boundary
-points 0.002 mm (they are rounded to 0.001 mm). The point *selection* is the same voxels: sampling works in
+points 0.002 mm (they are rounded to 0.001 mm), boundary normals rotated by R within 0.002 (also rounded). The point *selection* is the same voxels: sampling works in
 the voxel frame and never looks at the affine.
 """
 
@@ -49,4 +49,6 @@ def test_rigid_change_of_affine_moves_everything(ct_dir: Path, seed: int) -> Non
         pb = np.asarray(ob.boundary_points_mm)
         assert pa.shape == pb.shape
         np.testing.assert_allclose(pb, pa @ rot.T + t[:3, 3], atol=0.002)
+        np.testing.assert_allclose(np.asarray(ob.boundary_normals), np.asarray(oa.boundary_normals) @ rot.T,
+                                   atol=0.002)
         assert oa.truncated == ob.truncated and oa.voxel_count == ob.voxel_count

@@ -335,9 +335,81 @@ def _world_points(vox: np.ndarray, a3: np.ndarray, t3: np.ndarray, shape: tuple[
     return list(zip(*(w.tolist() for w in world)))
 
 
+def _normal_stencil(a3: np.ndarray) -> tuple[np.ndarray, float]:
+    """Neighbour offsets (voxels, ``work``'s axes) of the normal estimate and the Gaussian width (mm): about one
+    largest voxel size along every axis (at least the 26 neighbours; at most 5 samples per axis, so thin slices
+    with fine in-plane voxels do not cost hundreds of neighbours)."""
+    sp = np.linalg.norm(a3, axis=0)
+    big = float(sp.max())
+    axes = []
+    for v in sp:
+        r = max(1, int(round(big / v)))
+        axes.append(np.arange(-r, r + 1) if r <= 2 else np.unique(np.rint(np.linspace(-r, r, 5)).astype(np.intp)))
+    off = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    return off[np.any(off != 0, axis=1)].astype(np.intp), big
+
+
+def surface_normals(work: np.ndarray, vox: np.ndarray, ids: np.ndarray, a3: np.ndarray,
+                    centre_vox: np.ndarray) -> np.ndarray:
+    """Outward unit surface normals (world, RAS+; (P, 3) float64) at surface voxels ``vox`` (P, 3) of ``work``.
+
+    ``ids[p]``: the value of point ``p``'s organ in ``work``; ``a3``: the affine's 3x3 part with columns in
+    ``work``'s axis order; ``centre_vox``: each point's organ centroid (voxel coordinates of ``work``).
+    The normal is minus the Gaussian-weighted sum (width: the largest voxel size ``h``) of the world offsets to
+    those neighbours that belong to the organ, over a stencil reaching about ``h`` mm along every axis
+    (:func:`_normal_stencil`: the 26 neighbours on isotropic grids); indices beyond the image are clamped to
+    the edge (the border is not a surface). Where that sum vanishes (one-voxel-thin parts), the direction
+    from the centroid is used instead (and the first axis if the point is the centroid). Measured on balls:
+    mean error 6-12 degrees on 3 mm, 1.5 x 1.5 x 2 mm, 0.8 x 0.8 x 2.5 mm and 0.7 x 0.7 x 5 mm grids.
+    """
+    if len(vox) == 0:
+        return np.zeros((0, 3))
+    off, s = _normal_stencil(a3)
+    offw = off @ a3.T  # (K, 3) world mm
+    wvec = np.exp(-np.einsum("ki,ki->k", offw, offw) / (2.0 * s * s))[:, None] * offw
+    dims = np.asarray(work.shape)
+    flat = work.reshape(-1)
+    itype: Any = np.int32 if flat.size < 2**31 else np.int64  # int32 indices: faster gathers
+    strides = np.array([dims[1] * dims[2], dims[2], 1], dtype=itype)
+    v = vox.astype(itype)
+    o = off.astype(itype)
+    idx = (v @ strides)[:, None] + (o @ strides)[None, :]  # (P, K) flat indices
+    reach = np.abs(off).max(axis=0)
+    edge = np.any((v < reach) | (v > dims - 1 - reach), axis=1)  # neighbours beyond the image: clamp to the edge
+    if edge.any():
+        idx[edge] = np.clip(v[edge][:, None, :] + o[None], 0, (dims - 1).astype(itype)) @ strides
+    inside = np.take(flat, idx) == ids.astype(flat.dtype)[:, None]  # the ids are values of ``work``: they fit
+    n = -(inside.astype(np.float32) @ wvec.astype(np.float32)).astype(np.float64)
+    norm = np.sqrt(np.einsum("ni,ni->n", n, n))
+    weak = norm < 1e-6 * s
+    if weak.any():
+        n[weak] = (vox[weak] - centre_vox[weak]) @ a3.T
+        norm[weak] = np.linalg.norm(n[weak], axis=1)
+        still = weak & (norm < 1e-9)
+        n[still], norm[still] = a3[:, 0], np.linalg.norm(a3[:, 0])
+    return n / norm[:, None]
+
+
+@functools.lru_cache(maxsize=1)
+def _unit_table() -> np.ndarray:
+    table = np.empty(2 * 10**POINT_DECIMALS + 1, dtype=object)
+    table[:] = np.round(np.arange(-(10**POINT_DECIMALS), 10**POINT_DECIMALS + 1) * 10.0**-POINT_DECIMALS,
+                        POINT_DECIMALS).tolist()
+    return table
+
+
+def _unit_tuples(v: np.ndarray) -> list[tuple[float, float, float]]:
+    """Rows of unit vectors ``v`` (P, 3) as Python tuples rounded to ``POINT_DECIMALS`` (shared float objects
+    from one table: much faster than converting each value)."""
+    idx = np.rint(v * 10**POINT_DECIMALS).astype(np.intp) + 10**POINT_DECIMALS
+    table = _unit_table()
+    return list(zip(*(table[idx[:, a]].tolist() for a in range(3))))
+
+
 def _organs(geoms: list[_OrganGeometry], centroids: np.ndarray, covs: np.ndarray, evals: np.ndarray,
             evecs: np.ndarray, bb_lo: np.ndarray, bb_hi: np.ndarray, vox_vol: float,
-            all_pts: list[tuple[float, float, float]], offsets: list[int]) -> list[Organ]:
+            all_pts: list[tuple[float, float, float]], all_nrm: list[tuple[float, float, float]],
+            offsets: list[int]) -> list[Organ]:
     """The schema's organs (built without re-validation: every value was computed here, world mm RAS+)."""
     cen_l, cov_l, ev_l, vec_l = centroids.tolist(), covs.tolist(), evals.tolist(), evecs.tolist()
     lo_l, hi_l = bb_lo.tolist(), bb_hi.tolist()
@@ -346,6 +418,7 @@ def _organs(geoms: list[_OrganGeometry], centroids: np.ndarray, covs: np.ndarray
         centroid_mm=tuple(cen_l[n]), covariance_mm2=tuple(map(tuple, cov_l[n])),
         eigenvalues_mm2=tuple(ev_l[n]), eigenvectors=tuple(map(tuple, vec_l[n])),
         bbox_mm=(tuple(lo_l[n]), tuple(hi_l[n])), boundary_points_mm=all_pts[offsets[n]:offsets[n + 1]],
+        boundary_normals=all_nrm[offsets[n]:offsets[n + 1]],
         truncated=g.truncated, hu_mean=None if g.hu is None else g.hu[0],
         hu_std=None if g.hu is None else g.hu[1],
     ) for n, g in enumerate(geoms)]
@@ -442,6 +515,7 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, *, ct: np.ndarray | N
     objs = ndimage.find_objects(work)
 
     geoms: list[_OrganGeometry] = []
+    work_ids: list[int] = []  # each organ's value in ``work`` (its label id unless renumbered)
     for idx, sl in enumerate(objs, start=1):
         if sl is None:
             continue
@@ -449,6 +523,7 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, *, ct: np.ndarray | N
         if id_of is not None:
             g.label = int(id_of[idx])
         geoms.append(g)
+        work_ids.append(idx)
 
     k = len(geoms)
     covs_w = a3 @ np.array([g.cov_vox for g in geoms]).reshape(k, 3, 3) @ a3.T
@@ -474,9 +549,14 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, *, ct: np.ndarray | N
         all_vox = np.stack([cat[a][rows] + np.repeat([g.bbox_lo[a] for g in geoms], counts) for a in range(3)],
                            axis=1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
+    centre_vox = np.array([g.centroid_vox for g in geoms]).reshape(k, 3)
+    normals = surface_normals(work, all_vox, np.repeat(np.asarray(work_ids, dtype=np.int64), counts), a3,
+                              np.repeat(centre_vox, counts, axis=0))
     with _gc_paused():
         all_pts = _world_points(all_vox, a3, t3, work.shape)
-        organs = _organs(geoms, centroids, covs_w, evals, evecs, bb_lo, bb_hi, vox_vol, all_pts, offsets)
+        all_nrm = _unit_tuples(normals)
+        organs = _organs(geoms, centroids, covs_w, evals, evecs, bb_lo, bb_hi, vox_vol, all_pts, all_nrm,
+                         offsets)
 
     notes: list[str] = []
     bad_hu = [o.id for o in organs if o.hu_mean is not None and o.hu_std is not None

@@ -17,6 +17,11 @@ Frames and units, stated once for every field below:
   **not** a surface (an organ cut by the field of view has no points on the cut). Up to
   ``points_per_organ`` of them, stratified over the surface (well spread, not clustered), a deterministic
   function of the label map, the label id and ``seed``; rounded to 0.001 mm;
+* ``boundary_normals`` are the **outward** unit surface normals at those points (same order, RAS+,
+  rounded to 0.001): at each point, minus the Gaussian-weighted sum (width: the mean voxel size) of the
+  world offsets to those of its 26 neighbouring voxels that belong to the organ (the image border replicates
+  the edge voxels, like the surface test); where that sum vanishes (one-voxel-thin parts), the direction
+  from the organ's centroid. Null in passports written before schema 1.2;
 * ``truncated``: the organ has a voxel on the outermost voxel layer of the image (it may continue outside
   the field of view; registration can leave such organs out);
 * ``hu_mean`` / ``hu_std``: mean and population standard deviation (ddof=0) of the CT (HU) inside the
@@ -35,7 +40,7 @@ from .. import __version__
 from ..errors import InputError
 from ..io.atomic import write_text_atomic
 
-SCHEMA_VERSION = "1.1"  # 1.1: + Passport.warnings, consistency checks on load
+SCHEMA_VERSION = "1.2"  # 1.1: + Passport.warnings, consistency checks on load; 1.2: + Organ.boundary_normals
 
 Vec3 = tuple[float, float, float]
 Mat3 = tuple[Vec3, Vec3, Vec3]
@@ -83,6 +88,8 @@ class Organ(BaseModel):
     eigenvectors: Mat3 = Field(description="rows: unit eigenvectors of eigenvalues_mm2, RAS+")
     bbox_mm: tuple[Vec3, Vec3] = Field(description="[min, max] voxel-centre corner, world mm, RAS+")
     boundary_points_mm: list[Vec3] = Field(description="surface voxel centres, world mm, RAS+")
+    boundary_normals: list[Vec3] | None = Field(
+        default=None, description="outward unit normals at boundary_points_mm (same order), RAS+; null before 1.2")
     truncated: bool = Field(description="the organ touches the image border (may be incomplete)")
     hu_mean: float | None = None
     hu_std: float | None = None
@@ -106,6 +113,14 @@ class Organ(BaseModel):
         lo, hi = self.bbox_mm
         if any(lo[a] > hi[a] for a in range(3)):
             raise ValueError("bbox_mm must be [min, max]")
+        if self.boundary_normals is not None:
+            if len(self.boundary_normals) != len(self.boundary_points_mm):
+                raise ValueError(f"boundary_normals has {len(self.boundary_normals)} rows but boundary_points_mm "
+                                 f"{len(self.boundary_points_mm)}: one normal per point")
+            for row in self.boundary_normals:
+                norm = sum(x * x for x in row) ** 0.5
+                if abs(norm - 1.0) > 2e-3:
+                    raise ValueError(f"boundary_normals must be unit vectors (found norm {norm:.4g})")
         return self
 
 

@@ -280,6 +280,9 @@ def register_passports(
         summary["deformable"] = {
             "method": dfit.method,
             "pairs": dfit.n_pairs,
+            # surface normals: the passports' own (schema >= 1.2) or estimated from the points (older passports)
+            "normals": "passport" if all(s.fixed_normals is not None and s.moving_normals is not None
+                                         for s in sets) else "estimated",
             "organs": dfit.organs,
             "rigid_refinement": _r(refine, 6),
             "rigid_matrix_ras": _r(rigid2.matrix, 9),

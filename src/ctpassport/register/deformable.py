@@ -427,7 +427,8 @@ def _solve_sym3(m: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class OrganPoints:
-    """Boundary points of one organ: fixed (fixed space) and moving (mapped into fixed space by rigid^-1)."""
+    """Boundary points of one organ: fixed (fixed space) and moving (mapped into fixed space by rigid^-1),
+    with their unit surface normals (same frames; ``None`` when a passport has none)."""
 
     id: int
     name: str | None
@@ -435,6 +436,13 @@ class OrganPoints:
     moving: np.ndarray
     n_fixed_total: int
     n_moving_total: int
+    fixed_normals: np.ndarray | None = None
+    moving_normals: np.ndarray | None = None
+
+    def moved(self, inv: RigidTransform) -> OrganPoints:
+        """The same organ with the moving points (and normals) mapped by ``inv``."""
+        mn = None if self.moving_normals is None else self.moving_normals @ inv.rotation.T
+        return dataclasses.replace(self, moving=inv.apply(self.moving), moving_normals=mn)
 
 
 def passport_grid(p: Passport) -> GridSpec:
@@ -470,14 +478,19 @@ def organ_point_sets(
             continue
         pf = np.asarray(f.boundary_points_mm, dtype=np.float64).reshape(-1, 3)
         pm = np.asarray(m.boundary_points_mm, dtype=np.float64).reshape(-1, 3)
+        has_n = f.boundary_normals is not None and m.boundary_normals is not None
+        nrm_f = np.asarray(f.boundary_normals, dtype=np.float64).reshape(-1, 3) if has_n else None
+        nrm_m = np.asarray(m.boundary_normals, dtype=np.float64).reshape(-1, 3) if has_n else None
         nf, nm = len(pf), len(pm)
         if f.truncated and nf:
-            pf = pf[~_on_border(pf, fg, border_vox)]
+            keep = ~_on_border(pf, fg, border_vox)
+            pf, nrm_f = pf[keep], None if nrm_f is None else nrm_f[keep]
         if m.truncated and nm:
-            pm = pm[~_on_border(pm, mg, border_vox)]
+            keep = ~_on_border(pm, mg, border_vox)
+            pm, nrm_m = pm[keep], None if nrm_m is None else nrm_m[keep]
         if len(pf) < min_points or len(pm) < min_points:
             continue
-        out.append(OrganPoints(f.id, f.name, pf, inv.apply(pm), nf, nm))
+        out.append(OrganPoints(f.id, f.name, pf, pm, nf, nm, nrm_f, nrm_m).moved(inv))
     return out
 
 
@@ -493,9 +506,11 @@ def thin_point_sets(sets: list[OrganPoints], max_points: int, seed: int = 0) -> 
     for s in sets:
         kf = max(min(len(s.fixed), 20), int(round(len(s.fixed) * max_points / nf)))
         km = max(min(len(s.moving), 20), int(round(len(s.moving) * max_points / nm)))
-        sf = s.fixed[np.sort(rng.choice(len(s.fixed), min(kf, len(s.fixed)), replace=False))]
-        sm = s.moving[np.sort(rng.choice(len(s.moving), min(km, len(s.moving)), replace=False))]
-        out.append(OrganPoints(s.id, s.name, sf, sm, s.n_fixed_total, s.n_moving_total))
+        sf = np.sort(rng.choice(len(s.fixed), min(kf, len(s.fixed)), replace=False))
+        sm = np.sort(rng.choice(len(s.moving), min(km, len(s.moving)), replace=False))
+        out.append(OrganPoints(s.id, s.name, s.fixed[sf], s.moving[sm], s.n_fixed_total, s.n_moving_total,
+                               None if s.fixed_normals is None else s.fixed_normals[sf],
+                               None if s.moving_normals is None else s.moving_normals[sm]))
     return out
 
 
@@ -587,9 +602,21 @@ class Matcher:
         self.gf = np.concatenate([np.full(len(s.fixed), i) for i, s in enumerate(sets)])
         self.gm = np.concatenate([np.full(len(s.moving), i) for i, s in enumerate(sets)])
         self.n_groups = len(sets)
+        with_normals = all(s.fixed_normals is not None and s.moving_normals is not None for s in sets)
+        #: the passports' surface normals (fixed / moving), or None (then :meth:`normals` estimates them)
+        self.normals_f = np.concatenate([s.fixed_normals for s in sets]) if with_normals else None  # type: ignore[misc]
+        self.normals_m = np.concatenate([s.moving_normals for s in sets]) if with_normals else None  # type: ignore[misc]
         self._moving_sep = _separated(self.moving, self.gm)
         self.tree_m = cKDTree(self._moving_sep, leafsize=KD_LEAF)  # static: balanced (faster queries)
         self._tree_f: Any = None
+
+    def normals(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Unit normals of the fixed and moving points: the passports' own (computed on the label maps) when
+        every organ has them, else estimated by :func:`point_normals` with ``k`` neighbours."""
+        if self.normals_f is not None and self.normals_m is not None:
+            return self.normals_f, self.normals_m
+        return (point_normals(self.fixed, self.gf, k, tree=self.tree_f),
+                point_normals(self.moving, self.gm, k, tree=self.tree_m))
 
     @property
     def tree_f(self) -> Any:
@@ -673,6 +700,9 @@ class DeformableFit:
 DEMONS_SIGMAS: tuple[float, ...] = (30.0, 30.0, 25.0, 25.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0)
 #: Over-relaxation of the point-to-plane updates (1 = plain fixed-point iteration; see :func:`fit_demons`).
 DEMONS_STEP = 2.0
+#: Pairs whose passport normals (outward) make a larger angle than arccos of this are not partners (a point
+#: and the opposite face of a thin organ, or of a neighbouring fold). Used only when the passports have normals.
+DEMONS_MIN_NORMAL_COS = 0.5
 #: Each iteration, every ``DEMONS_QUERY_STRIDE``-th point of each side (a rotating phase) looks for a partner.
 DEMONS_QUERY_STRIDE = 3
 
@@ -733,6 +763,7 @@ def fit_demons(
     normals_k: int = 8,
     step_density: float = 0.05,
     backtrack: bool = True,
+    min_normal_cos: float | None = DEMONS_MIN_NORMAL_COS,
 ) -> DeformableFit:
     """Point-to-plane non-rigid ICP with Gaussian normalised-convolution updates (module doc, default).
 
@@ -749,6 +780,9 @@ def fit_demons(
       density. The Gaussian-smoothed solve under-shoots (it averages the residual with its surroundings and
       the ``mu`` / ``eps`` terms pull toward zero), so the plain iteration creeps; far from the surfaces the
       step stays 1 (no extrapolation is amplified). ``step`` may be one value or one per iteration.
+    * Normals: the passports' outward normals (schema >= 1.2, computed on the label maps) when both passports
+      have them, and then pairs whose normals disagree by more than ``arccos(min_normal_cos)`` are dropped;
+      otherwise PCA normals of ``normals_k`` neighbouring points (sign unknown, no such test).
     * ``backtrack``: an update that would fold the working-grid field (Jacobian <= ``min_jacobian``) is halved
       until it does not (and dropped after three halvings), so the final global smoothing of
       :func:`_unfold` is a last resort, not the rule.
@@ -763,8 +797,7 @@ def fit_demons(
     spacing = max(float(work_spacing_mm), float(np.prod(extent) / max_work_voxels) ** (1.0 / 3.0))
     cg = CoarseGrid.of(grid, spacing)
     matcher = Matcher(sets)
-    nf = point_normals(matcher.fixed, matcher.gf, normals_k, tree=matcher.tree_f)
-    nm = point_normals(matcher.moving, matcher.gm, normals_k, tree=matcher.tree_m)
+    nf, nm = matcher.normals(normals_k)
     nf6, nm6 = _nn6(nf), _nn6(nm)
     w_f = cg.interpolation_matrix(matcher.fixed)  # (Nf, V): samples at / splats from the fixed points
     w_ft = w_f.T.tocsr()
@@ -797,6 +830,8 @@ def fit_demons(
             ]
         )
         keep &= matcher.reject(fi, dd, outlier_factor, floor)
+        if min_normal_cos is not None and matcher.normals_f is not None:
+            keep &= np.einsum("ni,ni->n", nf[fi], nm[mj]) >= min_normal_cos
         nq = len(qf)
         kf, kb = keep[:nq], keep[nq:]
         fi_f, mj_f, fi_b, mj_b = fi[:nq][kf], mj[:nq][kf], fi[nq:][kb], mj[nq:][kb]
@@ -886,8 +921,7 @@ def refine_rigid(
     """
     floor = float(floor_mm) if floor_mm is not None else float(max(grid.spacing))
     matcher = Matcher(sets)
-    nf = point_normals(matcher.fixed, matcher.gf, normals_k)
-    nm = point_normals(matcher.moving, matcher.gm, normals_k)
+    nf, nm = matcher.normals(normals_k)
     corr = RigidTransform.identity()  # C: fixed -> fixed, with C(p) ~ q (q = rigid^-1(moving point))
     med0 = med = float("nan")
     for it in range(iterations):
@@ -923,10 +957,7 @@ def refine_rigid(
             break
     new_rigid = rigid.compose(corr)
     inv = corr.inverse()
-    new_sets = [
-        OrganPoints(s.id, s.name, s.fixed, inv.apply(s.moving), s.n_fixed_total, s.n_moving_total)
-        for s in sets
-    ]
+    new_sets = [s.moved(inv) for s in sets]
     report = {
         "iterations": it + 1,
         "rotation_deg": corr.angle_deg,
