@@ -117,6 +117,7 @@ def segment_cmd(
     timings: Annotated[Path | None, typer.Option("--timings", help="Write per-stage seconds and peak RSS (JSON).")] = None,
     passport: Annotated[Path | None, typer.Option("--passport", help="Also write the passport JSON here.")] = None,
     passport_grid: Annotated[str, typer.Option("--passport-grid", help="model (3 mm grid, like the study) or output.")] = "model",
+    normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the passport's boundary points (more accurate registration, larger JSON).")] = False,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="DICOM input: this SeriesInstanceUID (default: the largest CT series).")] = None,
     output_type: Annotated[str, typer.Option("--output-type", help="nifti, or dicom_seg (DICOM input only; -o names the .dcm file).")] = "nifti",
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
@@ -154,7 +155,8 @@ def segment_cmd(
 
         def passport_fn(result: Any, tm: Any) -> None:
             passport_from_segmentation(result, passport, input_path=input, grid=passport_grid,
-                                       model_id=seg.model.model_id, timings=tm.seconds, ct=image.data)
+                                       model_id=seg.model.model_id, timings=tm.seconds, ct=image.data,
+                                       normals=normals)
 
     with progress:
         def tick(n: int) -> None:
@@ -261,6 +263,7 @@ def passport_cmd(
     ct: Annotated[Path | None, typer.Option("--ct", help="CT on the label map's grid: adds mean/std HU per organ.")] = None,
     points: Annotated[int, typer.Option("--points", min=0, help="Boundary points per organ (at most).")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the boundary point sampling.")] = 0,
+    normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the boundary points (more accurate registration, larger JSON).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -274,7 +277,7 @@ def passport_cmd(
     check_writable(output, force)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PassportWarning)  # reported below from passport.warnings
-        p = passport_from_file(input, ct_path=ct, points=points, seed=seed)
+        p = passport_from_file(input, ct_path=ct, points=points, seed=seed, normals=normals)
     save_passport(p, output)
     for w in p.warnings:
         typer.echo(f"ctpassport: warning: {input}: {w}", err=True)

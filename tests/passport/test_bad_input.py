@@ -100,7 +100,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
 
 def _valid_passport_json(tmp_path: Path) -> dict:
     seg = _save(tmp_path / "seg.nii.gz", _good_labels())
-    p = passport_from_file(seg, points=20)
+    p = passport_from_file(seg, points=20, normals=True)
     return json.loads(p.model_dump_json())
 
 
@@ -155,7 +155,7 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
 
 def test_schema_1_1_passport_without_normals_still_loads(tmp_path: Path) -> None:
     """Passports written before schema 1.2 have no ``boundary_normals``: they load (normals None); a 1.2 passport
-    has one unit normal per boundary point."""
+    built with normals has one unit normal per boundary point."""
     doc = _valid_passport_json(tmp_path)
     assert doc["schema_version"] == "1.2"
     o = doc["organs"][0]

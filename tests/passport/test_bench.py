@@ -19,6 +19,7 @@ def test_passport_speed_report(tmp_path: Path) -> None:
         assert e["memory_order"] == "F"
         assert e["build_passport"]["repeats"] == len(e["build_passport"]["all_s"])
         assert e["build_passport"]["median_s"] > 0 and e["ratios"]["time_over_budget"] > 0
+        assert e["build_passport_with_normals"]["median_s"] > 0 and e["ratios"]["with_normals_over_ours"] > 0
     assert rep["maps"]["3mm"]["ratios"]["naive_over_ours"] > 0
     assert rep["maps"]["full"]["shape"] == [90, 90, 100]
 

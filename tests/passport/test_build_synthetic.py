@@ -173,7 +173,7 @@ def test_boundary_normals_point_outward_on_a_ball(orient: str, spacing: tuple[fl
     shape = tuple(int(2 * r_mm / v) + 6 for v in spacing)
     g = np.indices(shape, dtype=np.float64)
     d2 = sum(((g[a] - (shape[a] - 1) / 2) * sp[a]) ** 2 for a in range(3))
-    p = build_passport((d2 <= r_mm**2).astype(np.uint8), aff, points=400)
+    p = build_passport((d2 <= r_mm**2).astype(np.uint8), aff, points=400, normals=True)
     o = p.organs[0]
     pts, nrm = np.asarray(o.boundary_points_mm), np.asarray(o.boundary_normals)
     assert pts.shape == nrm.shape == (400, 3)
@@ -191,7 +191,8 @@ def test_boundary_normals_of_a_box_and_at_the_image_border() -> None:
     lab = np.zeros((20, 16, 12), dtype=np.uint8)
     lab[4:16, 3:13, 0:9] = 7  # touches the k = 0 border
     aff = np.diag([-2.0, -2.0, 3.0, 1.0])  # i -> Left, j -> Posterior, k -> Superior
-    p = build_passport(lab, aff, points=10_000)
+    p = build_passport(lab, aff, points=10_000, normals=True)
+    assert build_passport(lab, aff).organs[0].boundary_normals is None  # only when asked for
     o = p.organs[0]
     vox = np.rint(np.linalg.solve(aff[:3, :3], (np.asarray(o.boundary_points_mm) - aff[:3, 3]).T).T).astype(int)
     nrm = np.asarray(o.boundary_normals)

@@ -41,6 +41,15 @@ def test_passport_command(tmp_path: Path, ct_dir: Path) -> None:
     assert p.source.path and p.source.sha256 and p.source.ct_sha256
     doc = json.loads(out.read_text())
     assert doc["coordinate_frame"] == "RAS+ world mm" and doc["grid"]["kind"] == "output"
+    assert all(o.boundary_normals is None for o in p.organs)  # normals only with --normals
+    with_n = tmp_path / "with_normals.json"
+    res = runner.invoke(app, ["passport", "-i", str(ct_dir / "example_seg_fast.nii.gz"), "-o", str(with_n),
+                              "--points", "100", "--seed", "4", "--normals"])
+    assert res.exit_code == 0, res.output
+    pn = load_passport(with_n)
+    assert pn.schema_version == "1.2"
+    for a, b in zip(p.organs, pn.organs, strict=True):
+        assert a.boundary_points_mm == b.boundary_points_mm and len(b.boundary_normals or []) == len(b.boundary_points_mm)
 
 
 def test_empty_label_map_warns_on_the_command_line(tmp_path: Path) -> None:

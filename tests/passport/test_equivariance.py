@@ -32,8 +32,8 @@ def test_rigid_change_of_affine_moves_everything(ct_dir: Path, seed: int) -> Non
     labels, aff = np.asanyarray(img.dataobj), img.affine
     t = _rigid(seed)
     rot = t[:3, :3]
-    a = build_passport(labels, aff, points=200)
-    b = build_passport(labels, t @ aff, points=200)
+    a = build_passport(labels, aff, points=200, normals=True)
+    b = build_passport(labels, t @ aff, points=200, normals=True)
     assert [o.id for o in a.organs] == [o.id for o in b.organs]
     for oa, ob in zip(a.organs, b.organs):
         np.testing.assert_allclose(ob.centroid_mm, rot @ np.asarray(oa.centroid_mm) + t[:3, 3], atol=1e-6)

@@ -72,8 +72,8 @@ def _case(scene, amplitude: float, seed: int, rigid: bool):
         max_translation_mm=8.0 if rigid else 0.0,
     )
     moving = resample(labels, aff, motion.pullback, g, labels=True)
-    fp = build_passport(labels, aff, points=500)
-    mp = build_passport(moving, aff, points=500, seed=1)
+    fp = build_passport(labels, aff, points=500, normals=True)
+    mp = build_passport(moving, aff, points=500, seed=1, normals=True)
     x, y = heldout_points(moving > 0, g, motion.pullback, g, np.random.default_rng(seed + 10), 1500)
     return g, fp, mp, x, y
 
@@ -220,9 +220,9 @@ def test_demons_updates_that_would_fold_are_halved() -> None:
 
 
 def test_passport_normals_are_used_and_older_passports_still_register(scene) -> None:
-    """Passports of schema 1.2 carry outward normals: the deformable tier uses them (rotated with the moving
-    points into the fixed space) and says so; a passport without normals (schema 1.1) still registers, with
-    normals estimated from the points, to a similar accuracy."""
+    """Passports built with normals (schema 1.2) carry outward normals: the deformable tier uses them (rotated
+    with the moving points into the fixed space) and says so; a passport without normals (schema 1.1, or built
+    without) still registers, with normals estimated from the points and a note, to a similar accuracy."""
     from ctpassport.register.deformable import organ_point_sets
 
     g, fp, mp, x, y = _case(scene, 5.0, 3, rigid=True)
@@ -251,5 +251,6 @@ def test_passport_normals_are_used_and_older_passports_still_register(scene) -> 
     old = register_passports(without_normals(fp), without_normals(mp), "deformable")
     assert new.summary["deformable"]["normals"] == "passport"
     assert old.summary["deformable"]["normals"] == "estimated"
+    assert any("--normals" in n for n in old.summary["notes"]) and not any("--normals" in n for n in new.summary["notes"])
     t_new, t_old = (tre_stats(r.transform_points(x), y)["mean"] for r in (new, old))
     assert t_new < 0.4 * before and t_old < 0.4 * before, (before, t_new, t_old)

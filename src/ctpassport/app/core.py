@@ -368,6 +368,7 @@ def segment_study(
                 source=Source(ct_path=str(study.path) if study.path else study.name),
                 model_id=segmenter.model.model_id,
                 timings=dict(tm.seconds),
+                normals=True,  # the app registers studies: normals make it more accurate
             )
     return SegmentationRun(
         labels=res.labels,
@@ -453,6 +454,7 @@ def reference_run(study: Study) -> SegmentationRun:
             grid_kind="output",
             source=Source(ct_path=study.name),
             model_id="phantom reference labels",
+            normals=True,
             timings={},
         )
     return SegmentationRun(

@@ -110,6 +110,9 @@ def _bench_map(shape: tuple[int, int, int], repeats: int, budget: float, points:
     entry["boundary_points"] = sum(len(o.boundary_points_mm) for o in p.organs)
     build = _summary(_times(lambda: build_passport(labels, aff, points=points), repeats))
     entry["build_passport"] = build
+    # opt-in boundary normals (``--normals``, for registration): what they add, in the same run
+    entry["build_passport_with_normals"] = _summary(
+        _times(lambda: build_passport(labels, aff, points=points, normals=True), repeats))
     entry["find_objects_only"] = _summary(_times(lambda: ndimage.find_objects(labels.T), repeats))
     med = build["median_s"]
     cpu = build["cpu_median_s"]
@@ -117,7 +120,8 @@ def _bench_map(shape: tuple[int, int, int], repeats: int, budget: float, points:
                        "cpu_time_over_budget": cpu / budget,
                        "study_over_ours": STUDY_S / med, "study_before_fix_over_ours": STUDY_BEFORE_FIX_S / med,
                        "study_over_ours_cpu": STUDY_S / cpu,
-                       "ours_over_find_objects": med / entry["find_objects_only"]["median_s"]}
+                       "ours_over_find_objects": med / entry["find_objects_only"]["median_s"],
+                       "with_normals_over_ours": entry["build_passport_with_normals"]["median_s"] / med}
     if naive:
         ts = _times(lambda: naive_passport_moments(labels, aff, points=points), 1)
         entry["naive_per_label_scan"] = _summary(ts)
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>4}: {e['shape']} {e['labels_present']} labels: build_passport median "
               f"{1000 * e['build_passport']['median_s']:.1f} ms wall, {1000 * e['build_passport']['cpu_median_s']:.1f}"
               f" ms CPU (budget {1000 * rep['budgets_s'][name]:.0f} ms, ratio {r['time_over_budget']:.2f}); "
-              f"find_objects {1000 * e['find_objects_only']['median_s']:.1f} ms"
+              f"find_objects {1000 * e['find_objects_only']['median_s']:.1f} ms; with --normals "
+              f"{1000 * e['build_passport_with_normals']['median_s']:.1f} ms"
               + (f"; naive per-label scans {r['naive_over_ours']:.0f}x slower" if "naive_over_ours" in r else ""))
     return 0
 

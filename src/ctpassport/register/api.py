@@ -277,12 +277,15 @@ def register_passports(
         timings["deformable_points"] = t2 - t1  # point sets (and, in the fallback, rigid ICP)
         timings.update({f"deformable_{k}": v for k, v in dfit.seconds.items()})
         transform = Transform(rigid2, dfit.field)
+        with_normals = all(s.fixed_normals is not None and s.moving_normals is not None for s in sets)
+        if not with_normals:
+            notes.append("the passports have no boundary normals: estimated from the points (passports built "
+                         "with --normals register more accurately)")
         summary["deformable"] = {
             "method": dfit.method,
             "pairs": dfit.n_pairs,
-            # surface normals: the passports' own (schema >= 1.2) or estimated from the points (older passports)
-            "normals": "passport" if all(s.fixed_normals is not None and s.moving_normals is not None
-                                         for s in sets) else "estimated",
+            # surface normals: the passports' own (built with normals) or estimated from the points
+            "normals": "passport" if with_normals else "estimated",
             "organs": dfit.organs,
             "rigid_refinement": _r(refine, 6),
             "rigid_matrix_ras": _r(rigid2.matrix, 9),

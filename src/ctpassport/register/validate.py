@@ -57,7 +57,7 @@ def _passport(
 ) -> Passport:
     from ..passport.build import build_passport
 
-    return build_passport(labels, affine, ct=ct, points=points, seed=seed, grid_kind="output")
+    return build_passport(labels, affine, ct=ct, points=points, seed=seed, grid_kind="output", normals=True)
 
 
 def _round(x: Any, nd: int = 4) -> Any:
@@ -970,7 +970,7 @@ def validate_learn2reg(
             labels = np.asarray(segment(img))  # type: ignore[misc]
         t_seg = time.perf_counter() - t0
         t1 = time.perf_counter()
-        pp = build_passport(labels, img.affine, points=points, seed=0, grid_kind="output")
+        pp = build_passport(labels, img.affine, points=points, seed=0, grid_kind="output", normals=True)
         t_pp = time.perf_counter() - t1
         cache[img_path] = (img, pp, t_seg, t_pp)
         return cache[img_path]
