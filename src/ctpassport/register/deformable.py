@@ -8,12 +8,15 @@ Method (default ``method="demons"``):
 1. The rigid tier runs first. Every organ present in both passports (truncated ones too) takes part unless
    excluded. Boundary points of a truncated organ within ``border_vox`` voxels of its own image border lie
    on the cut, not on the organ surface, and are dropped. The moving points are brought into the fixed space
-   by the inverse rigid transform. Surface normals come from a PCA of each point's 8 neighbours in its organ.
+   by the inverse rigid transform. Surface normals are the passports' outward normals when both passports
+   have them (built with ``normals=True``; rotated with the moving points), else a PCA of each point's 8
+   neighbours in its organ.
 2. Iterations (non-rigid ICP): the fixed points are moved by the current field; per organ, symmetric
    KD-tree nearest neighbours give pairs (fixed -> moving and moving -> fixed; every point is a potential
    partner, a rotating third of each side looks for one per iteration); pairs whose querying point has left
    the other image's field of view, or whose distance exceeds the adaptive threshold
-   ``max(3 x median distance of that organ, floor)``, are rejected.
+   ``max(3 x median distance of that organ, floor)``, or (with passport normals) whose outward normals differ
+   by more than 60 degrees, are rejected.
 3. The smooth update is a point-to-plane fit by normalised convolution on a downsampled working grid
    (about 9 mm, at most 25 000 voxels; 6 mm gave the same TRE at twice the cost): each pair contributes the tensor ``n n^T + mu I`` (surface normal
    ``n``, a small point-to-point part ``mu``) and ``(n n^T + mu I) r`` (residual ``r``), splatted
@@ -780,8 +783,8 @@ def fit_demons(
       density. The Gaussian-smoothed solve under-shoots (it averages the residual with its surroundings and
       the ``mu`` / ``eps`` terms pull toward zero), so the plain iteration creeps; far from the surfaces the
       step stays 1 (no extrapolation is amplified). ``step`` may be one value or one per iteration.
-    * Normals: the passports' outward normals (schema >= 1.2, computed on the label maps) when both passports
-      have them, and then pairs whose normals disagree by more than ``arccos(min_normal_cos)`` are dropped;
+    * Normals: the passports' outward normals (schema 1.2 passports built with normals, computed on the label
+      maps) when both passports have them, and then pairs whose normals disagree by more than ``arccos(min_normal_cos)`` are dropped;
       otherwise PCA normals of ``normals_k`` neighbouring points (sign unknown, no such test).
     * ``backtrack``: an update that would fold the working-grid field (Jacobian <= ``min_jacobian``) is halved
       until it does not (and dropped after three halvings), so the final global smoothing of
