@@ -772,6 +772,7 @@ def batch_cmd(
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Dask scheduler address, e.g. tcp://host:8786 (paths must be shared).")] = None,
     passport: Annotated[bool, typer.Option("--passport", help="Also write passport.json per case.")] = False,
     passport_grid: Annotated[str, typer.Option("--passport-grid", help="model (3 mm grid) or output.")] = "model",
+    normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the passports' boundary points (more accurate registration, larger JSON).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished cases, redo the rest.")] = False,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="auto (default: the fastest backend that keeps parity on this machine, e.g. openvino-bf16 on AMX CPUs), onnxruntime (exact fp32 parity path), openvino, openvino-bf16, openvino-int8, cuda, torch.")] = None,
@@ -790,7 +791,7 @@ def batch_cmd(
         raise CTPassportError(f"--passport-grid must be model or output, not {passport_grid!r}")
     opts = BatchOptions(model=str(model.resolve()) if model is not None else None, backend=backend,
                         threads=nr_thr or None, passport=passport, passport_grid=passport_grid,
-                        roi_subset=tuple(roi_subset) if roi_subset else None)
+                        passport_normals=normals, roi_subset=tuple(roi_subset) if roi_subset else None)
     progress, task = _progress(quiet, 1, "Batch")
 
     def on_plan(total: int, done: int) -> None:

@@ -217,11 +217,13 @@ def test_standin_batch_with_passports_into_the_store(ct_dir: Path, standin_home:
     (src / "sm.nii.gz").write_bytes((ct_dir / "example_ct_sm.nii.gz").read_bytes())
     write_dicom_series(ct.data, ct.affine, src / "sm_dicom", SeriesTags(patient_id="P9", study_date="20250101"))
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["batch", str(src), str(out), "--passport", "--model", str(standin_home), "-q"])
+    res = CliRunner().invoke(app, ["batch", str(src), str(out), "--passport", "--normals", "--model",
+                                   str(standin_home), "-q"])
     assert res.exit_code == 0, res.output
     np.testing.assert_array_equal(_labels(out, "sm"), _labels(out, "sm_dicom"))
     p1, p2 = load_passport(out / "sm" / "passport.json"), load_passport(out / "sm_dicom" / "passport.json")
     assert p1.organs and [o.id for o in p1.organs] == [o.id for o in p2.organs]
+    assert all(len(o.boundary_normals or []) == len(o.boundary_points_mm) for o in p1.organs)  # --normals
     db = str(tmp_path / "store.sqlite")
     res = CliRunner().invoke(app, ["store", "add", str(out / "sm" / "passport.json"),
                                    str(out / "sm_dicom" / "passport.json"), "--db", db])

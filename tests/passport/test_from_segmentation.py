@@ -86,10 +86,11 @@ def test_segment_command_writes_the_passport(tmp_path: Path, ct_dir: Path, stand
     pp = tmp_path / "passport.json"
     runner = CliRunner()
     res = runner.invoke(app, ["segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o", str(out), "--ml",
-                              "--model", str(standin_home), "--passport", str(pp), "-q"])
+                              "--model", str(standin_home), "--passport", str(pp), "--normals", "-q"])
     assert res.exit_code == 0, res.output
     p = load_passport(pp)
     assert p.grid.kind == "model" and p.model_id and "infer" in p.timings and "passport_build" in p.timings
+    assert all(len(o.boundary_normals or []) == len(o.boundary_points_mm) for o in p.organs)  # --normals
     # The input is 3 mm RAS already: the model grid is the output grid, the passports must agree.
     ref = passport_from_file(out)
     assert [o.id for o in p.organs] == [o.id for o in ref.organs] and p.organs

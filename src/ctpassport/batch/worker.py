@@ -46,6 +46,7 @@ class BatchOptions:
     threads: int | None = None
     passport: bool = False
     passport_grid: str = "model"
+    passport_normals: bool = False
     roi_subset: tuple[str, ...] | None = None
     cache_dir: str | None = None
 
@@ -137,7 +138,7 @@ def run_case(case: Case, out_dir: str, opts: BatchOptions) -> dict[str, Any]:
                     def passport_fn(result: Any, timings: Any) -> None:
                         passport_from_segmentation(result, tmp / PASSPORT, input_path=case.path,
                                                    grid=opts.passport_grid, model_id=seg.model.model_id,
-                                                   timings=timings.seconds)
+                                                   timings=timings.seconds, normals=opts.passport_normals)
 
                 res = seg.segment_file(case.path, tmp / LABELS, ml=True,
                                        roi_subset=list(opts.roi_subset) if opts.roi_subset else None,
