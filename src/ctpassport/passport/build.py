@@ -379,15 +379,9 @@ def surface_normals(work: np.ndarray, vox: np.ndarray, ids: np.ndarray, a3: np.n
     if edge.any():
         idx[edge] = np.clip(v[edge][:, None, :] + o[None], 0, (dims - 1).astype(itype)) @ strides
     inside = np.take(flat, idx) == ids.astype(flat.dtype)[:, None]  # the ids are values of ``work``: they fit
-    # sum of the weighted offsets of the neighbours inside, 8 neighbours at a time: their membership bits
-    # packed into one byte index a table of the 256 possible partial sums (no (P, K) float arrays)
-    bits = np.packbits(inside, axis=1, bitorder="little")  # (P, ceil(K / 8)) uint8
-    byte_bits = ((np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1).astype(np.float64)  # (256, 8)
-    wpad = np.zeros((bits.shape[1] * 8, 3))
-    wpad[: len(wvec)] = wvec
-    n = np.zeros((len(vox), 3))
-    for j in range(bits.shape[1]):
-        n -= (byte_bits @ wpad[8 * j: 8 * j + 8])[bits[:, j]]
+    # einsum, not a BLAS product: a (P, K) x (K, 3) product is too small for threads, whose start-up and
+    # spinning would cost more CPU time than the product itself
+    n = -np.einsum("pk,kc->pc", inside.astype(np.float64), wvec)
     norm = np.sqrt(np.einsum("ni,ni->n", n, n))
     weak = norm < 1e-6 * s
     if weak.any():
@@ -472,8 +466,8 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, *, ct: np.ndarray | N
     fewer when the organ has fewer surface voxels); ``seed``: the sampling seed (same inputs and seed give
     the same points); ``grid_kind``: ``output`` (the label map's own grid) or ``model`` (the 3 mm model grid).
     ``timings`` (seconds) are copied into the passport, with ``passport_build`` added. ``normals``: also store
-    the outward unit normal at every boundary point (:func:`surface_normals`; about 10 ms per 50 000 points and
-    half as much JSON again; registration is more accurate with them), else ``boundary_normals`` is null.
+    the outward unit normal at every boundary point (:func:`surface_normals`; 84 ms instead of 55 ms for the
+    3 mm full torso's 50 000 points, and half as much JSON again; registration is more accurate with them), else ``boundary_normals`` is null.
 
     Every coordinate in the result is world mm, RAS+. Raises :class:`InputError` for a non-integer,
     negative or non-3-D label map, a bad affine or a CT of another shape. An empty label map gives a

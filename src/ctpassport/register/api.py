@@ -37,6 +37,7 @@ from .deformable import (
     organ_point_sets,
     passport_grid,
     refine_rigid,
+    sets_have_normals,
     thin_point_sets,
 )
 from .itkio import FLIP, read_itk_transform, write_displacement_nifti, write_itk_transform
@@ -277,7 +278,7 @@ def register_passports(
         timings["deformable_points"] = t2 - t1  # point sets (and, in the fallback, rigid ICP)
         timings.update({f"deformable_{k}": v for k, v in dfit.seconds.items()})
         transform = Transform(rigid2, dfit.field)
-        with_normals = all(s.fixed_normals is not None and s.moving_normals is not None for s in sets)
+        with_normals = sets_have_normals(sets)
         if not with_normals:
             notes.append("the passports have no boundary normals: estimated from the points (passports built "
                          "with --normals register more accurately)")

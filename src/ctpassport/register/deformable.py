@@ -448,6 +448,11 @@ class OrganPoints:
         return dataclasses.replace(self, moving=inv.apply(self.moving), moving_normals=mn)
 
 
+def sets_have_normals(sets: list[OrganPoints]) -> bool:
+    """Every organ carries its passports' normals on both sides (else normals must be estimated)."""
+    return all(s.fixed_normals is not None and s.moving_normals is not None for s in sets)
+
+
 def passport_grid(p: Passport) -> GridSpec:
     """The voxel grid a passport was computed on (shape, voxel -> RAS+ mm)."""
     return GridSpec(tuple(p.grid.shape), np.asarray(p.grid.affine, dtype=np.float64))  # type: ignore[arg-type]
@@ -605,7 +610,7 @@ class Matcher:
         self.gf = np.concatenate([np.full(len(s.fixed), i) for i, s in enumerate(sets)])
         self.gm = np.concatenate([np.full(len(s.moving), i) for i, s in enumerate(sets)])
         self.n_groups = len(sets)
-        with_normals = all(s.fixed_normals is not None and s.moving_normals is not None for s in sets)
+        with_normals = sets_have_normals(sets)
         #: the passports' surface normals (fixed / moving), or None (then :meth:`normals` estimates them)
         self.normals_f = np.concatenate([s.fixed_normals for s in sets]) if with_normals else None  # type: ignore[misc]
         self.normals_m = np.concatenate([s.moving_normals for s in sets]) if with_normals else None  # type: ignore[misc]
