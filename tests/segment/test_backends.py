@@ -149,6 +149,60 @@ def test_openvino_fp32_matches_onnxruntime(segmenter, rng: np.random.Generator) 
     assert (labels == np.argmax(ref, axis=1)).mean() > 0.99
 
 
+def _conv_chain(n_convs: int, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """A tiny OpenVINO model: ``n_convs`` 3x3x3 convolutions (8 channels, bias, ReLU between)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 1, 16, 16, 16], np.float32, name="x")
+    y = x
+    for i in range(n_convs):
+        c_in = 1 if i == 0 else 8
+        w = ops.constant(rng.standard_normal((8, c_in, 3, 3, 3)).astype(np.float32) * 0.3)
+        b = ops.constant(rng.standard_normal((1, 8, 1, 1, 1)).astype(np.float32) * 0.1)
+        y = ops.add(ops.convolution(y, w, [1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 1]), b)
+        if i < n_convs - 1:
+            y = ops.relu(y)
+    return ov.Model([y], [x], "chain")
+
+
+def _conv_precisions(core, model) -> list[str]:  # type: ignore[no-untyped-def]
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 1})
+    return [str(o.get_rt_info()["runtimePrecision"].astype(str)) for o in compiled.get_runtime_model().get_ordered_ops()
+            if o.get_rt_info()["layerType"].astype(str) == "Convolution"]
+
+
+@needs_openvino
+@pytest.mark.skipif(not B.native_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16) [allowed]")
+def test_bf16_keeps_network_ends_in_fp32(rng: np.random.Generator) -> None:
+    import openvino as ov
+
+    core = ov.Core()
+    plain = _conv_chain(4, rng)
+    assert _conv_precisions(core, plain) == ["bf16"] * 4
+    assert _conv_precisions(core, B.keep_ends_fp32(core, plain)) == ["f32", "bf16", "bf16", "f32"]
+    # two convolutions: both ends, so the whole network is float32 and equals the fp32 compile
+    two = _conv_chain(2, rng)
+    x = rng.standard_normal((1, 1, 16, 16, 16)).astype(np.float32) * 3
+    fp32 = core.compile_model(two, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x)[0]
+    bf16 = core.compile_model(two, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})(x)[0]
+    kept = core.compile_model(B.keep_ends_fp32(core, two), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})(x)[0]
+    assert np.abs(bf16 - fp32).max() > 1e-3  # bf16 rounding is visible ...
+    np.testing.assert_allclose(kept, fp32, rtol=1e-5, atol=1e-5)  # ... and gone where the ends stay fp32
+
+
+@needs_openvino
+@pytest.mark.skipif(not B.native_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16) [allowed]")
+def test_bf16_backend_runs_first_and_output_convolutions_in_fp32(segmenter) -> None:  # type: ignore[no-untyped-def]
+    ov = B.OpenVinoBackend(segmenter.onnx_path, 2, precision="bf16")
+    for argmax in (False, True):
+        compiled = ov._request((1, 1, 32, 48, 32), argmax, run=False).get_compiled_model()
+        convs = [str(o.get_rt_info()["runtimePrecision"].astype(str)) for o in compiled.get_runtime_model().get_ordered_ops()
+                 if o.get_rt_info()["layerType"].astype(str) == "Convolution"]
+        assert len(convs) == 19  # 10 encoder, 8 decoder, 1 segmentation layer
+        assert convs[0] == convs[-1] == "f32" and set(convs[1:-1]) == {"bf16"}, convs
+
+
 # ------------------------------------------------------------------------------------------------
 # the PyTorch path (GPU code) on the CPU: bit-identical to the exact NumPy sliding window
 # ------------------------------------------------------------------------------------------------

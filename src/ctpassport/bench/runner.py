@@ -55,8 +55,8 @@ CONFIGS: dict[str, ConfigSpec] = {c.name: c for c in (
     ConfigSpec("onnx-fast", "ctpassport", "ONNX Runtime fp32 with the fast pipeline (float32 sums and resampling)",
                "onnxruntime", "fast"),
     ConfigSpec("openvino", "ctpassport", "OpenVINO fp32, static patch shape, fast pipeline", "openvino", "fast"),
-    ConfigSpec("openvino-bf16", "ctpassport", "OpenVINO bfloat16 (AMX), argmax in the engine, fast pipeline",
-               "openvino-bf16", "fast"),
+    ConfigSpec("openvino-bf16", "ctpassport", "OpenVINO bfloat16 (AMX; input block and output layer fp32), "
+               "argmax in the engine, fast pipeline", "openvino-bf16", "fast"),
     ConfigSpec("int8", "ctpassport", "OpenVINO int8 (NNCF post-training quantisation calibrated on real CT), "
                "fast pipeline", "openvino-int8", "fast"),
     ConfigSpec("optimized", "ctpassport", "the fastest configuration that keeps parity on this machine "

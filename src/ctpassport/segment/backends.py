@@ -14,7 +14,8 @@ this machine):
 =================  ===========================================================================================
 ``onnxruntime``    ONNX Runtime CPU, fp32: the exact parity path (nnU-Net's arithmetic end to end)
 ``openvino``       OpenVINO CPU, fp32, static patch shape
-``openvino-bf16``  OpenVINO CPU, bfloat16 compute (AMX / AVX512-BF16): the fast CPU path
+``openvino-bf16``  OpenVINO CPU, bfloat16 compute (AMX / AVX512-BF16), input block and output layer in fp32:
+                   the fast CPU path
 ``openvino-int8``  OpenVINO CPU, int8 post-training quantisation (NNCF) calibrated on real CT
 ``cuda``           PyTorch on a CUDA GPU, fp16 autocast, channels-last, optional ``torch.compile``
 ``torch``          the same PyTorch code on the CPU in fp32 (reference/testing of the GPU code path)
@@ -182,7 +183,8 @@ class OpenVinoBackend:
     """OpenVINO on the CPU with a static input shape per compiled model.
 
     ``precision``: ``fp32`` (IEEE float32 compute), ``bf16`` (bfloat16 compute with float32 accumulation,
-    needs native bf16: AMX or AVX512-BF16) or ``int8`` (an NNCF-quantised IR, ``model_xml``). Models are
+    needs native bf16: AMX or AVX512-BF16; the network's ends stay in float32, see :func:`keep_ends_fp32`) or
+    ``int8`` (an NNCF-quantised IR, ``model_xml``). Models are
     compiled lazily per input shape (the exported ONNX has dynamic spatial axes; a static shape lets the
     CPU plugin pick its fastest kernels). :meth:`predict_labels` compiles a variant with the channel argmax
     (``TopK``, k=1, first index on ties) appended, so only one byte per voxel leaves the engine.
@@ -206,6 +208,8 @@ class OpenVinoBackend:
             self.model = self.core.read_model(str(source))
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"OpenVINO cannot read the model ({str(exc).splitlines()[0][:160]})", source) from None
+        if precision == "bf16":
+            self.model = keep_ends_fp32(self.core, self.model)
         self.input_name = self.model.inputs[0].get_any_name()
         # int8 IRs keep their quantised convolutions; the rest of such a graph runs in bf16 where native.
         hint = {"fp32": "f32", "bf16": "bf16", "int8": "bf16" if native_bf16() else "f32"}[precision]
@@ -266,6 +270,55 @@ class OpenVinoBackend:
         req.infer({0: x})
         idx = req.get_output_tensor(0).data
         return idx[:, 0].astype(np.uint8)
+
+
+def keep_ends_fp32(core: Any, model: Any) -> Any:
+    """``model`` with its first convolution block and its output layer marked to stay in float32 under bf16.
+
+    Under ``INFERENCE_PRECISION_HINT=bf16`` the CPU plugin rounds every layer's input to bfloat16 (8-bit
+    mantissa). Two roundings lose what the rest of the network does not: the normalised CT at the input
+    (steps of up to ~8 HU) and the logits at the output (steps of 1/16 between 8 and 16, so near-equal
+    classes become exact ties that the argmax breaks toward the lower index). The ops up to the second
+    convolution (first convolution, its norm and activation) and from the last convolution on (the 1x1x1
+    segmentation layer) are marked with OpenVINO's ``DisablePrecisionConversion`` attribute, which the CPU
+    plugin honours. Measured on the demo model, example_ct, against TotalSegmentator running the same model:
+    mean Dice (organs >= 1 ml) 0.969 -> 0.988, voxel agreement 0.9982 -> 0.9988 (against the exact ONNX Runtime
+    labels: every layer in float32 with bf16 activations between them 0.990, OpenVINO fp32 0.995; the output
+    layer alone gives 0.986 of the 0.988). Cost, stand-in weights, in-memory segmentation, 10 interleaved runs:
+    example_ct 0.92 -> 1.07 s, 458 x 379 x 224 0.94 -> 1.10 s (median; the float32 1x1x1 layer writes 118
+    float32 channels at full patch resolution).
+
+    The attribute has no Python constructor, so the model takes a trip through IR XML (in memory after a
+    temporary file): ``save_model`` -> add ``<rt_info><attribute name="DisablePrecisionConversion" .../>`` to the
+    chosen layers -> ``read_model``. A model without convolutions is returned unchanged.
+    """
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    import openvino as ov
+
+    conv_types = ("Convolution", "ConvolutionBackpropData", "GroupConvolution")
+    ops = [o for o in model.get_ordered_ops() if o.get_type_name() not in ("Parameter", "Result", "Constant")]
+    conv_at = [i for i, o in enumerate(ops) if o.get_type_name() in conv_types]
+    if not conv_at:
+        return model
+    second = conv_at[1] if len(conv_at) > 1 else conv_at[0] + 1
+    keep = {o.get_friendly_name() for o in ops[:second] + ops[conv_at[-1]:]}
+    with tempfile.TemporaryDirectory(prefix="ctpassport-ov-") as tmp:
+        xml_path = Path(tmp) / "model.xml"
+        ov.save_model(model, str(xml_path), compress_to_fp16=False)
+        tree = ET.parse(xml_path)
+        for layer in tree.getroot().iter("layer"):
+            if layer.get("name") in keep:
+                info = layer.find("rt_info")
+                if info is None:
+                    info = ET.Element("rt_info")
+                    layer.insert(1 if layer.find("data") is not None else 0, info)
+                ET.SubElement(info, "attribute",
+                              {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"})
+        xml = ET.tostring(tree.getroot())
+        weights = xml_path.with_suffix(".bin").read_bytes()
+    return core.read_model(xml, weights)
 
 
 # ------------------------------------------------------------------------------------------------
