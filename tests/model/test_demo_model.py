@@ -32,8 +32,8 @@ HELDOUT_SEED = 0
 LARGE_ORGAN_DICE = 0.9
 PARITY_MEAN_DICE = 0.995
 #: Held-out Dice the shipped model reaches (measured, MODEL_CARD.md); the issue's bar is LARGE_ORGAN_DICE.
-SHIPPED_FLOORS = {"lung_left": 0.93, "lung_right": 0.95, "liver": 0.9, "heart": 0.9, "stomach": 0.9,
-                  "kidney_left": 0.88, "kidney_right": 0.83, "spleen": 0.78, "urinary_bladder": 0.79}
+SHIPPED_FLOORS = {"lung_left": 0.94, "lung_right": 0.95, "liver": 0.9, "heart": 0.91, "stomach": 0.88,
+                  "kidney_left": 0.9, "kidney_right": 0.88, "spleen": 0.79, "urinary_bladder": 0.89}
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +308,13 @@ def test_train_config_rejects_crops_off_the_stride(tmp_path: Path) -> None:
 def test_shipped_training_record(evaluation: dict) -> None:
     rec = json.loads((DEMO_DIR / "training.json").read_text())
     cfg = rec["config"]
-    assert cfg["seed"] == 0 and cfg["phantom_seed0"] > HELDOUT_SEED  # the held-out seed was never trained on
+    heldout = {int(k.rsplit("seed", 1)[1]) for k in evaluation if k.startswith("phantom_heldout_seed")}
+    assert HELDOUT_SEED in heldout
+    stage: dict | None = rec
+    while stage is not None:  # no stage ever trained on a held-out phantom
+        c = stage["config"]
+        assert heldout.isdisjoint(range(c["phantom_seed0"], c["phantom_seed0"] + c["n_phantoms"])), c
+        stage = stage.get("previous")
     losses = [h[1] for h in rec["history"]]
     tenth = max(1, len(losses) // 10)
     # the loss went down: by 10 % in a stage trained from scratch, at all in a further (fine-tuning) stage
