@@ -166,10 +166,15 @@ def _conv_chain(n_convs: int, rng: np.random.Generator):  # type: ignore[no-unty
     return ov.Model([y], [x], "chain")
 
 
-def _conv_precisions(core, model) -> list[str]:  # type: ignore[no-untyped-def]
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": 1})
+def _conv_precisions(compiled) -> list[str]:  # type: ignore[no-untyped-def]
+    """Runtime precision of each convolution of a compiled OpenVINO model, in execution order."""
     return [str(o.get_rt_info()["runtimePrecision"].astype(str)) for o in compiled.get_runtime_model().get_ordered_ops()
             if o.get_rt_info()["layerType"].astype(str) == "Convolution"]
+
+
+def _bf16_conv_precisions(core, model) -> list[str]:  # type: ignore[no-untyped-def]
+    return _conv_precisions(core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                              "INFERENCE_NUM_THREADS": 1}))
 
 
 @needs_openvino
@@ -179,8 +184,8 @@ def test_bf16_keeps_network_ends_in_fp32(rng: np.random.Generator) -> None:
 
     core = ov.Core()
     plain = _conv_chain(4, rng)
-    assert _conv_precisions(core, plain) == ["bf16"] * 4
-    assert _conv_precisions(core, B.keep_ends_fp32(core, plain)) == ["f32", "bf16", "bf16", "f32"]
+    assert _bf16_conv_precisions(core, plain) == ["bf16"] * 4
+    assert _bf16_conv_precisions(core, B.keep_ends_fp32(core, plain)) == ["f32", "bf16", "bf16", "f32"]
     # two convolutions: both ends, so the whole network is float32 and equals the fp32 compile
     two = _conv_chain(2, rng)
     x = rng.standard_normal((1, 1, 16, 16, 16)).astype(np.float32) * 3
@@ -196,9 +201,7 @@ def test_bf16_keeps_network_ends_in_fp32(rng: np.random.Generator) -> None:
 def test_bf16_backend_runs_first_and_output_convolutions_in_fp32(segmenter) -> None:  # type: ignore[no-untyped-def]
     ov = B.OpenVinoBackend(segmenter.onnx_path, 2, precision="bf16")
     for argmax in (False, True):
-        compiled = ov._request((1, 1, 32, 48, 32), argmax, run=False).get_compiled_model()
-        convs = [str(o.get_rt_info()["runtimePrecision"].astype(str)) for o in compiled.get_runtime_model().get_ordered_ops()
-                 if o.get_rt_info()["layerType"].astype(str) == "Convolution"]
+        convs = _conv_precisions(ov._request((1, 1, 32, 48, 32), argmax, run=False).get_compiled_model())
         assert len(convs) == 19  # 10 encoder, 8 decoder, 1 segmentation layer
         assert convs[0] == convs[-1] == "f32" and set(convs[1:-1]) == {"bf16"}, convs
 
