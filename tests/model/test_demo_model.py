@@ -32,8 +32,8 @@ HELDOUT_SEED = 0
 LARGE_ORGAN_DICE = 0.9
 PARITY_MEAN_DICE = 0.995
 #: Held-out Dice the shipped model reaches (measured, MODEL_CARD.md); the issue's bar is LARGE_ORGAN_DICE.
-SHIPPED_FLOORS = {"lung_left": 0.94, "lung_right": 0.95, "liver": 0.9, "heart": 0.91, "stomach": 0.88,
-                  "kidney_left": 0.9, "kidney_right": 0.88, "spleen": 0.79, "urinary_bladder": 0.89}
+SHIPPED_FLOORS = {"lung_left": 0.94, "lung_right": 0.95, "liver": 0.9, "heart": 0.92, "stomach": 0.88,
+                  "kidney_left": 0.9, "kidney_right": 0.92, "spleen": 0.77, "urinary_bladder": 0.91}
 
 
 @pytest.fixture(scope="module")
