@@ -70,7 +70,9 @@ def test_demo_phantom_end_to_end(tmp_path: Path, no_weights: None) -> None:
     for stage in ("load_model", "phantom", "segment_baseline", "segment_follow_up", "passport_baseline",
                   "register_rigid", "register_deformable", "warp", "figures"):
         assert tm[stage] > 0, stage
-    assert tm["total"] >= sum(v for k, v in tm.items() if k != "total") - 1e-3
+    # every figure is rounded to 1 ms on its own (the total before rounding is the exact sum of the stages),
+    # so the rounded stages may sum to up to 0.5 ms per figure more than the rounded total
+    assert tm["total"] >= sum(v for k, v in tm.items() if k != "total") - 0.5e-3 * len(tm) - 1e-9
     text = _check_html(out / "report.html")
     assert f"{rigid['median']}" in text and "Registration error against the known truth" in text
 
