@@ -793,7 +793,7 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
                      f"{_crop_text(pc)}, {_optimizer_text(pc)}, crop-centre class power {pc.get('class_power', 0.0):g}"
                      f"{_focus_text(pc)},"
                      f" cross-entropy class-weight power {pc.get('ce_class_power', 0.0):g}, source weights"
-                     f" {pc['source_weights']}, {pc.get('n_phantoms', 16)} phantoms, seed {pc.get('seed', 0)},"
+                     f" {pc['source_weights']}, {pc['n_phantoms']} phantoms, seed {pc['seed']},"
                      f" training {prev['seconds']['train'] / 60:.1f} min.")
         prev = prev.get("previous")
         stage += 1
