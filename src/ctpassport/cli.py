@@ -602,6 +602,8 @@ def model_train_demo_cmd(
     ce_class_power: Annotated[float, typer.Option("--ce-class-power", min=0.0, max=1.0, help="Cross-entropy class weights ~ voxel count ** -this (0 = unweighted).")] = 0.0,
     source_weights: Annotated[str | None, typer.Option("--source-weights", help="Sampling weights phantom,example_ct_sm,example_ct (default 0.65,0.15,0.2).")] = None,
     focus: Annotated[str | None, typer.Option("--focus", help="Crop centres: multiply these classes' odds, e.g. kidney_right=4,spleen=2.")] = None,
+    hard_negatives: Annotated[float, typer.Option("--hard-negatives", min=0.0, max=1.0, help="Centre this fraction of the crops on voxels the --init-from weights get grossly wrong (hard-example mining).")] = 0.0,
+    hard_classes: Annotated[str | None, typer.Option("--hard-classes", help="Mine only errors naming or missing these classes, e.g. spleen,stomach.")] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Measure Dice per source and write MODEL_CARD.md.")] = True,
     evaluate_only: Annotated[bool, typer.Option("--evaluate-only", help="Only evaluate an existing model and rewrite its card.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing model.")] = False,
@@ -632,7 +634,9 @@ def model_train_demo_cmd(
                           batch=batch, optimizer=optimizer, lr=lr, head_lr_mult=head_lr_mult, n_phantoms=phantoms,
                           threads=threads,
                           init_from=str(init_from) if init_from else None, class_power=class_power,
-                          ce_class_power=ce_class_power)
+                          ce_class_power=ce_class_power, hard_negatives=hard_negatives,
+                          hard_classes=tuple(c.strip() for c in hard_classes.split(",") if c.strip())
+                          if hard_classes else ())
         if source_weights:
             try:
                 sw = [float(v) for v in source_weights.split(",")]

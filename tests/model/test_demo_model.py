@@ -296,6 +296,132 @@ def test_active_head_forward_equals_network() -> None:
         assert torch.equal(mine_out, theirs[:, active])
 
 
+def test_gross_errors_ignore_boundary_slips_and_keep_false_organs() -> None:
+    """A ball predicted one voxel off along x (boundary slips: not gross), a false blob of the ball's class
+    8+ voxels from it (gross), a missed interior core 3+ voxels inside (gross: background named where the
+    nearest background is farther than the margin), and a false blob outside the loss mask (ignored)."""
+    from ctpassport.model.train import gross_errors
+
+    zz, yy, xx = np.indices((30, 30, 40))
+    labels = (((zz - 15) ** 2 + (yy - 15) ** 2 + (xx - 12) ** 2) <= 64).astype(np.uint8) * 4
+    pred = np.roll(labels, 1, axis=2)
+    pred[2:5, 2:5, 30:33] = 4  # false organ: far from every labelled 4
+    pred[14:17, 14:17, 12:15] = 0  # missed core: background 5+ voxels away from any labelled 0
+    pred[25:28, 25:28, 35:38] = 4  # would be gross, but outside the mask
+    mask = np.ones(labels.shape, dtype=bool)
+    mask[:, :, 34:] = False
+    got = {tuple(v) for v in gross_errors(pred, labels, mask, margin=2)}
+    expected = {(z, y, x) for z in range(2, 5) for y in range(2, 5) for x in range(30, 33)}
+    expected |= {(z, y, x) for z in range(14, 17) for y in range(14, 17) for x in range(12, 15)}
+    assert got == expected
+    assert len(gross_errors(pred, labels, mask, margin=20)) == 0  # every error within 20 voxels of its class
+
+
+def test_sample_crop_hard_centres() -> None:
+    """``hard`` voxels centre the crops they are drawn for (within size / 8), and without ``hard`` the crops
+    are those of the same seed before the option existed (no extra random draw)."""
+    from ctpassport.model.train import Sample, sample_crop
+
+    ramp = np.broadcast_to(np.arange(200, dtype=np.float32), (16, 16, 200)).copy()  # image value = x index
+    lab = np.zeros(ramp.shape, dtype=np.uint8)
+    lab[4:12, 4:12, 2:10] = 3
+    s = Sample("t", "x", ramp, lab, None, {3: np.argwhere(lab == 3)})
+    hard = np.array([[8, 8, 150]])
+    rng = np.random.default_rng(0)
+    centres = [sample_crop(s, rng, 16, augment=False, hard=hard, hard_fraction=1.0)[0][8, 8, 8] for _ in range(50)]
+    assert np.all(np.abs(np.asarray(centres) - 150.5) <= 16 / 8 + 0.5)
+    a = sample_crop(s, np.random.default_rng(3), 16, class_power=0.5, class_counts={3: 512})
+    b = sample_crop(s, np.random.default_rng(3), 16, class_power=0.5, class_counts={3: 512}, hard=None,
+                    hard_fraction=0.5)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.torch
+def test_mine_hard_voxels_maps_active_classes_back() -> None:
+    """Mining runs the network over a volume the size of one patch (one tile: the sliding window's argmax is
+    the plain forward's) and returns the gross errors of its labels in TotalSegmentator class ids."""
+    torch = pytest.importorskip("torch")
+    from ctpassport.model.folder import FAST_CONFIGURATION, parse_architecture
+    from ctpassport.model.network import build_network
+    from ctpassport.model.standin import FAST_INTENSITY
+    from ctpassport.model.train import Sample, _ActiveHead, demo_plans, gross_errors, mine_hard_voxels
+
+    plans = demo_plans(FAST_INTENSITY)
+    patch = tuple(int(v) for v in plans["configurations"][FAST_CONFIGURATION]["patch_size"])
+    torch.manual_seed(0)
+    net = build_network(parse_architecture(plans["configurations"][FAST_CONFIGURATION], Path("p")), 1, 118)
+    active = [0, 5, 52, 117]
+    heads = [_ActiveHead(net.decoder.seg_layers[-1], active)]
+    img = np.random.default_rng(0).normal(0, 1, patch).astype(np.float32)
+    lab = np.zeros(patch, dtype=np.uint8)
+    lab[20:60, 20:60, 20:60] = 52
+    smp = Sample("s", "x", img, lab, None)
+    logs: list[str] = []
+    mined = mine_hard_voxels(net, heads, active, [smp], patch, bf16=False, log=logs.append)
+    assert net.training  # left as found
+    with torch.no_grad():
+        full = net.eval()(torch.from_numpy(img[None, None]))[0, active].numpy()
+    pred = np.asarray(active, dtype=np.uint8)[np.argmax(full, axis=0)]
+    ref = gross_errors(pred, lab)
+    assert len(ref) > 0 and np.array_equal(mined["s"][:, :3], ref)
+    assert np.array_equal(mined["s"][:, 3], pred[tuple(ref.T)])
+    assert "grossly wrong voxels in 1 of 1 volumes" in logs[-1]
+
+
+def test_select_hard_voxels_by_class() -> None:
+    from ctpassport.model.train import select_hard_voxels
+
+    lab = np.zeros((4, 4, 4), dtype=np.uint8)
+    lab[0, 0, 0], lab[1, 1, 1] = 1, 2  # reference: class 1 at (0,0,0), class 2 at (1,1,1)
+    rows = np.array([[0, 0, 0, 5], [1, 1, 1, 0], [2, 2, 2, 1], [3, 3, 3, 7]], dtype=np.int32)  # (index, named)
+    assert np.array_equal(select_hard_voxels({"a": rows}, {"a": lab}, [])["a"], rows[:, :3])
+    # class 1: missed at (0,0,0) and named falsely at (2,2,2); class 2 missed at (1,1,1)
+    assert np.array_equal(select_hard_voxels({"a": rows}, {"a": lab}, [1])["a"], rows[[0, 2], :3])
+    assert np.array_equal(select_hard_voxels({"a": rows}, {"a": lab}, [2, 7])["a"], rows[[1, 3], :3])
+    assert select_hard_voxels({"a": rows}, {"a": lab}, [9]) == {}
+
+
+def test_hard_example_mining_is_cached_per_weights(tmp_path: Path) -> None:
+    """A resumed run reuses the mined voxels (sample names as the training data writes them); other starting
+    weights mine again."""
+    from ctpassport.model.folder import CHECKPOINT_NAME
+    from ctpassport.model.train import Sample, _cached_mining
+
+    ck = tmp_path / "init" / "fold_0" / CHECKPOINT_NAME
+    ck.parent.mkdir(parents=True)
+    ck.write_bytes(b"weights 1")
+    samples = [Sample(n, "phantom", np.zeros((4, 4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), None)
+               for n in ("phantom_1000@3.0", "phantom_1021@2.5,2.5,2.0:LPS")]
+    calls: list[int] = []
+
+    def mine() -> dict[str, np.ndarray]:
+        calls.append(1)
+        return {"phantom_1021@2.5,2.5,2.0:LPS": np.array([[1, 2, 3, 4]], dtype=np.int32)}
+
+    first = _cached_mining(tmp_path / "init", tmp_path, samples, lambda m: None, mine)
+    again = _cached_mining(tmp_path / "init", tmp_path, samples, lambda m: None, mine)
+    assert len(calls) == 1 and again.keys() == first.keys()
+    assert np.array_equal(again["phantom_1021@2.5,2.5,2.0:LPS"], [[1, 2, 3, 4]])
+    ck.write_bytes(b"weights 2")
+    _cached_mining(tmp_path / "init", tmp_path, samples, lambda m: None, mine)
+    assert len(calls) == 2
+
+
+def test_hard_negatives_need_trained_weights(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from ctpassport.errors import InputError
+    from ctpassport.model.train import TrainConfig, train_demo
+
+    with pytest.raises(InputError, match="--init-from"):
+        train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(hard_negatives=0.3), work_dir=tmp_path / "w")
+    with pytest.raises(InputError, match="unknown classes: splen"):
+        train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(hard_negatives=0.3, init_from="x",
+                                                                    hard_classes=("splen",)), work_dir=tmp_path / "w")
+    with pytest.raises(InputError, match="between 0 and 1"):
+        train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(hard_negatives=1.5, init_from="x"),
+                   work_dir=tmp_path / "w")
+
+
 def test_train_config_rejects_crops_off_the_stride(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from ctpassport.errors import InputError

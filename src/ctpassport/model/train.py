@@ -83,6 +83,10 @@ class TrainConfig:
     ce_class_power: float = 0.0  # cross-entropy class weights ~ voxel count ** -ce_class_power (0 = unweighted)
     class_focus: dict[str, float] = field(default_factory=dict)  # class name -> factor on its crop-centre odds
     init_from: str | None = None  # start from this trainer folder's weights (a further training stage)
+    # hard-example mining: this fraction of crops is centred on a voxel the starting weights get grossly wrong
+    # (mined once before training; needs init_from; see gross_errors)
+    hard_negatives: float = 0.0
+    hard_classes: tuple[str, ...] = ()  # mine only the errors that name or miss these classes (empty: all)
 
 
 @dataclass
@@ -236,19 +240,25 @@ def _rotation(rng: np.random.Generator) -> np.ndarray:
 def sample_crop(sample: Sample, rng: np.random.Generator, crop: int | tuple[int, int, int], *, augment: bool = True,
                 centre: np.ndarray | None = None, class_power: float = 0.0,
                 class_counts: dict[int, int] | None = None,
-                class_focus: dict[int, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                class_focus: dict[int, float] | None = None, hard: np.ndarray | None = None,
+                hard_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """One augmented crop of ``crop`` voxels (one size or (z, y, x)): (image float32, target int64 with -100 where
     there is no loss)).
 
     The centre (voxel indices, nnU-Net order) is drawn: 2/3 of the time near a voxel of a class present (all
     classes equally likely, or with probability ``count ** class_power`` given ``class_counts``, times
     ``class_focus[class]`` where given), else anywhere in the loss mask / volume; ``centre`` fixes it instead.
+    With ``hard`` ((n, 3) voxel indices, e.g. from :func:`gross_errors`), a fraction ``hard_fraction`` of the
+    centres is drawn near one of those voxels instead (no extra random draw when ``hard`` is None, so crops
+    without it are the same as before).
     """
     from scipy import ndimage
 
     shape = np.asarray(sample.image.shape)
     size = np.broadcast_to(np.asarray(crop, dtype=np.float64), (3,)).copy()
     r = rng.random()
+    if centre is None and hard is not None and len(hard) and rng.random() < hard_fraction:
+        centre = hard[int(rng.integers(len(hard)))].astype(np.float64) + rng.uniform(-1, 1, 3) * size / 8
     if centre is not None:
         centre = np.asarray(centre, dtype=np.float64)
     elif sample.class_voxels and r < 0.67:
@@ -403,6 +413,14 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     if unknown:
         raise InputError(f"--focus names unknown classes: {', '.join(unknown)} (use TotalSegmentator class names)")
     focus_ids = {NAME_TO_ID[n]: float(f) for n, f in cfg.class_focus.items()} or None
+    if not 0.0 <= cfg.hard_negatives <= 1.0:
+        raise InputError(f"--hard-negatives {cfg.hard_negatives:g} must be a fraction between 0 and 1")
+    if cfg.hard_negatives > 0 and not cfg.init_from:
+        raise InputError("--hard-negatives mines the errors of trained weights: give --init-from a trained model")
+    unknown = sorted(set(cfg.hard_classes) - set(NAME_TO_ID))
+    if unknown:
+        raise InputError(f"--hard-classes names unknown classes: {', '.join(unknown)} (use TotalSegmentator class"
+                         " names)")
     t_start = time.perf_counter()
     samples, props, t_made = _cached_data(cfg, Path(ct_dir), work, log)
     t_data = time.perf_counter() - t_start if t_made is None else t_made
@@ -483,6 +501,16 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     weights = np.array([cfg.source_weights[k] for k in sources], dtype=np.float64)
     weights /= weights.sum()
     use_bf16 = cfg.bf16 and _bf16_ok(torch)
+    hard_of: dict[str, np.ndarray] = {}
+    if cfg.hard_negatives > 0:
+        patch = tuple(int(v) for v in plans["configurations"][FAST_CONFIGURATION]["patch_size"])
+        mined = _cached_mining(Path(cfg.init_from or ""), work, samples, log,
+                               lambda: mine_hard_voxels(net, heads, active, samples, patch, bf16=use_bf16, log=log))
+        hard_of = select_hard_voxels(mined, {s.name: s.labels for s in samples},
+                                     [NAME_TO_ID[n] for n in cfg.hard_classes])
+        if cfg.hard_classes:
+            log(f"hard examples naming or missing {', '.join(cfg.hard_classes)}: "
+                f"{sum(len(v) for v in hard_of.values())} voxels in {len(hard_of)} volumes")
     net.train()
     t_loop = time.perf_counter()
     for step in range(step0, cfg.steps):
@@ -493,7 +521,8 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
             crop = cfg.crop_start if cfg.crop_start and step < int(cfg.crop_switch * cfg.steps) else cfg.crop
             smp = pool[int(rng.integers(len(pool)))]
             img, tgt = sample_crop(smp, rng, crop, class_power=cfg.class_power, class_counts=counts_of[smp.name],
-                                   class_focus=focus_ids)
+                                   class_focus=focus_ids, hard=hard_of.get(smp.name),
+                                   hard_fraction=cfg.hard_negatives)
             xs.append(img[None])
             ys.append(np.where(tgt >= 0, lut[np.clip(tgt, 0, 255)], -100))
         x = torch.from_numpy(np.stack(xs))
@@ -570,6 +599,113 @@ def _label_counts(sample: Sample) -> dict[int, int]:
     lab = sample.labels if sample.mask is None else sample.labels[sample.mask]
     u, c = np.unique(lab, return_counts=True)
     return {int(k): int(n) for k, n in zip(u, c) if k > 0}
+
+
+def gross_errors(pred: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None, *,
+                 margin: int = 2) -> np.ndarray:
+    """Voxels (indices in the arrays' own axis order, (n, 3) int) where ``pred`` names a class with no voxel of
+    that class in ``labels`` within ``margin`` voxels (26-connected steps): a false organ or a missed interior,
+    not a boundary drawn a voxel or two off. Only inside ``mask`` where given. Background counts as a class
+    (organ interiors labelled background are gross errors too)."""
+    from scipy import ndimage
+
+    wrong = pred != labels
+    if mask is not None:
+        wrong &= mask
+    gross = np.zeros(pred.shape, dtype=bool)
+    cube = ndimage.generate_binary_structure(3, 3)
+    for k in np.unique(pred[wrong]):
+        cand = wrong & (pred == k)
+        lo = np.maximum(np.argwhere(cand).min(0) - margin, 0)
+        hi = np.minimum(np.argwhere(cand).max(0) + margin + 1, pred.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        near = ndimage.binary_dilation(labels[box] == k, structure=cube, iterations=margin)
+        gross[box] |= cand[box] & ~near
+    return np.argwhere(gross)
+
+
+def mine_hard_voxels(net: Any, heads: list[_ActiveHead], active: list[int], samples: list[Sample],
+                     patch: tuple[int, ...], *, bf16: bool, log: Callable[[str], None],
+                     margin: int = 2) -> dict[str, np.ndarray]:
+    """Run ``net`` (sliding window, step 0.8, nnU-Net order) over every training volume and return, per sample
+    name, its :func:`gross_errors` as (n, 4) int32 rows: voxel indices and the class the network named there
+    (samples without any are left out). Logs the classes the network names wrongly most often."""
+    import torch
+
+    from ..segment.sliding_window import argmax_channels, sliding_window_logits
+    from .classes import TOTAL_CLASSES
+
+    active_arr = np.asarray(active)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return _forward_active(net, torch.from_numpy(x), heads)[-1].float().numpy()
+
+    was_training = net.training
+    net.eval()
+    mined: dict[str, np.ndarray] = {}
+    by_class: dict[int, int] = {}
+    try:
+        for i, smp in enumerate(samples):
+            t0 = time.perf_counter()
+            logits = sliding_window_logits(smp.image[None].astype(np.float32), predict, patch, len(active),
+                                           step=0.8, accumulate="fp32")
+            pred = active_arr[argmax_channels(logits)].astype(smp.labels.dtype)
+            idx = gross_errors(pred, smp.labels, smp.mask, margin=margin)
+            if len(idx):
+                named = pred[tuple(idx.T)]
+                mined[smp.name] = np.column_stack([idx, named]).astype(np.int32)
+                u, c = np.unique(named, return_counts=True)
+                for k, n in zip(u, c):
+                    by_class[int(k)] = by_class.get(int(k), 0) + int(n)
+            log(f"mined {smp.name} ({i + 1}/{len(samples)}): {len(idx)} grossly wrong voxels in"
+                f" {time.perf_counter() - t0:.1f} s")
+    finally:
+        net.train(was_training)
+    top = sorted(by_class.items(), key=lambda kv: -kv[1])[:8]
+    total = sum(by_class.values())
+    log(f"hard examples: {total} grossly wrong voxels in {len(mined)} of {len(samples)} volumes; named most often: "
+        + ", ".join(f"{TOTAL_CLASSES.get(k, 'background')} {n / max(total, 1):.0%}" for k, n in top))
+    return mined
+
+
+def select_hard_voxels(mined: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                       classes: list[int]) -> dict[str, np.ndarray]:
+    """Voxel indices ((n, 3), the volumes' axis order) of :func:`mine_hard_voxels` rows, restricted to errors
+    that name one of ``classes`` or lie where the reference has one (all rows when ``classes`` is empty);
+    volumes left without any are dropped."""
+    out = {}
+    for name, rows in mined.items():
+        if classes:
+            keep = np.isin(rows[:, 3], classes) | np.isin(labels[name][tuple(rows[:, :3].T)], classes)
+            rows = rows[keep]
+        if len(rows):
+            out[name] = np.ascontiguousarray(rows[:, :3])
+    return out
+
+
+def _cached_mining(init_from: Path, work: Path, samples: list[Sample], log: Callable[[str], None],
+                   mine: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``mine()``, cached in the work folder, keyed by the starting weights' bytes and the training volumes (a
+    resumed run does not mine again)."""
+    import hashlib
+
+    from .folder import CHECKPOINT_NAME
+
+    h = hashlib.sha256(b"rows: z, y, x, named class\n")
+    h.update((init_from / "fold_0" / CHECKPOINT_NAME).read_bytes())
+    h.update(json.dumps([(smp.name, smp.image.shape) for smp in samples]).encode())
+    path = work / f"hard-{h.hexdigest()[:16]}.npz"
+    if path.is_file():
+        log(f"hard examples from cache {path}")
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    t0 = time.perf_counter()
+    mined = mine()
+    log(f"mined in {time.perf_counter() - t0:.0f} s")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **mined)
+    return mined
 
 
 def _cached_data(cfg: TrainConfig, ct_dir: Path, work: Path, log: Callable[[str], None]
@@ -718,6 +854,14 @@ def _focus_text(cfg: dict[str, Any]) -> str:
     return " (odds " + ", ".join(f"{k} x{v:g}" for k, v in focus.items()) + ")" if focus else ""
 
 
+def _hard_text(cfg: dict[str, Any]) -> str:
+    frac = float(cfg.get("hard_negatives", 0.0))
+    which = cfg.get("hard_classes") or []
+    limited = f", errors naming or missing {', '.join(which)}" if which else ""
+    return (f"; {frac:.0%} of the crops centred on voxels the starting weights got grossly wrong (hard-example"
+            f" mining{limited})" if frac > 0 else "")
+
+
 def _source_text(cfg: dict[str, Any]) -> str:
     sw = cfg["source_weights"]
     return ",".join(f"{sw[k]:g}" for k in ("phantom", "example_ct_sm", "example_ct"))
@@ -763,7 +907,7 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
         "  `example_ct` with the loss only on the slices those labels cover (TotalSegmentator's Apache-2.0 test data).",
         (f"* Random crops of {_crop_text(cfg)} voxels (z, y, x; 3 mm); batch {cfg['batch']}; source weights"
          f" {cfg['source_weights']}; crop centres by class with power {cfg.get('class_power', 0.0):g}"
-         f"{_focus_text(cfg)}; {_ce_text(cfg)};"),
+         f"{_focus_text(cfg)}{_hard_text(cfg)}; {_ce_text(cfg)};"),
         "  rotation +-10 deg in-plane / +-4 deg out of plane, scaling 0.9-1.12, intensity scale/shift, noise, blur.",
         (f"* {cfg['steps']} steps of {_optimizer_text(cfg)}, cross-entropy + soft Dice"
          f"{' with deep supervision (1, 1/2, 1/4, 1/8 resolution)' if cfg.get('deep_supervision') else ''},"
@@ -778,6 +922,8 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
          f" {cfg.get('class_power', 0.0):g} --ce-class-power {cfg.get('ce_class_power', 0.0):g}"
          f" --source-weights {_source_text(cfg)}"
          f"{' --focus ' + _csv_focus(cfg) if cfg.get('class_focus') else ''}"
+         f"{' --hard-negatives ' + format(cfg['hard_negatives'], 'g') if cfg.get('hard_negatives') else ''}"
+         f"{' --hard-classes ' + ','.join(cfg['hard_classes']) if cfg.get('hard_classes') else ''}"
          f" --phantoms {cfg['n_phantoms']}"
          f"{' --init-from STAGE_BEFORE' if cfg.get('init_from') else ''}"
          f" --seed {cfg['seed']} --threads {cfg['threads']} --force` (writes this folder; bit-identical only with the"
@@ -791,7 +937,7 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
                 else f"{pc['steps']} steps")
         lines.append(f"* Earlier stage (this one started from its weights): {done}, crops "
                      f"{_crop_text(pc)}, {_optimizer_text(pc)}, crop-centre class power {pc.get('class_power', 0.0):g}"
-                     f"{_focus_text(pc)},"
+                     f"{_focus_text(pc)}{_hard_text(pc)},"
                      f" cross-entropy class-weight power {pc.get('ce_class_power', 0.0):g}, source weights"
                      f" {pc['source_weights']}, {pc['n_phantoms']} phantoms, seed {pc['seed']},"
                      f" training {prev['seconds']['train'] / 60:.1f} min.")
