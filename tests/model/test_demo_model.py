@@ -398,10 +398,12 @@ def test_hard_example_mining_is_cached_per_weights(tmp_path: Path) -> None:
         calls.append(1)
         return {"phantom_1021@2.5,2.5,2.0:LPS": np.array([[1, 2, 3, 4]], dtype=np.int32)}
 
-    first = _cached_mining(tmp_path / "init", tmp_path, samples, lambda m: None, mine)
-    again = _cached_mining(tmp_path / "init", tmp_path, samples, lambda m: None, mine)
+    first, t_first = _cached_mining(tmp_path / "init", tmp_path, samples, lambda m: None, mine)
+    again, t_again = _cached_mining(tmp_path / "init", tmp_path, samples, lambda m: None, mine)
     assert len(calls) == 1 and again.keys() == first.keys()
     assert np.array_equal(again["phantom_1021@2.5,2.5,2.0:LPS"], [[1, 2, 3, 4]])
+    # the cached run reports the time the mining took, not the time it took to read the cache
+    assert t_first is not None and t_again == pytest.approx(t_first, abs=0.05)
     ck.write_bytes(b"weights 2")
     _cached_mining(tmp_path / "init", tmp_path, samples, lambda m: None, mine)
     assert len(calls) == 2
@@ -449,3 +451,21 @@ def test_shipped_training_record(evaluation: dict) -> None:
     assert rec["intensity"]["std"] > 0
     for src in ("example_ct_sm", "example_ct_slab", f"phantom_heldout_seed{HELDOUT_SEED}"):
         assert evaluation[src]["mean_dice"] is not None
+
+
+def test_model_card_is_written_from_the_training_record(tmp_path: Path, evaluation: dict) -> None:
+    """The shipped card is what :func:`write_model_card` makes of the shipped record; a stage that mined hard
+    examples states the mining time beside the data and training times."""
+    import shutil
+
+    from ctpassport.model.train import write_model_card
+
+    d = tmp_path / "demo"
+    d.mkdir()
+    shutil.copy(DEMO_DIR / "training.json", d / "training.json")
+    assert write_model_card(d, evaluation).read_text() == (DEMO_DIR / "MODEL_CARD.md").read_text()
+    rec = json.loads((d / "training.json").read_text())
+    rec["seconds"]["mine"] = 463.0
+    (d / "training.json").write_text(json.dumps(rec))
+    card = write_model_card(d, evaluation).read_text()
+    assert "hard-example mining 7.7 min, training" in card

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -502,9 +502,10 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     weights /= weights.sum()
     use_bf16 = cfg.bf16 and _bf16_ok(torch)
     hard_of: dict[str, np.ndarray] = {}
+    t_mine: float | None = None
     if cfg.hard_negatives > 0:
         patch = tuple(int(v) for v in plans["configurations"][FAST_CONFIGURATION]["patch_size"])
-        mined = _cached_mining(Path(cfg.init_from or ""), work, samples, log,
+        mined, t_mine = _cached_mining(Path(cfg.init_from or ""), work, samples, log,
                                lambda: mine_hard_voxels(net, heads, active, samples, patch, bf16=use_bf16, log=log))
         hard_of = select_hard_voxels(mined, {s.name: s.labels for s in samples},
                                      [NAME_TO_ID[n] for n in cfg.hard_classes])
@@ -566,7 +567,8 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     meta = {
         "ctpassport_demo": {
             "config": asdict(cfg), "active_classes": active, "intensity": props,
-            "seconds": {"data": round(t_data, 1), "train": round(t_train, 1)},
+            "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
+                        **({"mine": round(t_mine, 1)} if t_mine is not None else {})},
             "torch": str(torch.__version__), "threads": cfg.threads, "bf16": use_bf16,
             "final_loss": float(np.mean([h[1] for h in history[-50:]])) if history else None,
             "previous": previous,
@@ -685,9 +687,9 @@ def select_hard_voxels(mined: dict[str, np.ndarray], labels: dict[str, np.ndarra
 
 
 def _cached_mining(init_from: Path, work: Path, samples: list[Sample], log: Callable[[str], None],
-                   mine: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+                   mine: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], float | None]:
     """``mine()``, cached in the work folder, keyed by the starting weights' bytes and the training volumes (a
-    resumed run does not mine again)."""
+    resumed run does not mine again); also the seconds the mining took (None when unknown)."""
     import hashlib
 
     from .folder import CHECKPOINT_NAME
@@ -696,16 +698,20 @@ def _cached_mining(init_from: Path, work: Path, samples: list[Sample], log: Call
     h.update((init_from / "fold_0" / CHECKPOINT_NAME).read_bytes())
     h.update(json.dumps([(smp.name, smp.image.shape) for smp in samples]).encode())
     path = work / f"hard-{h.hexdigest()[:16]}.npz"
+    seconds_path = path.with_suffix(".seconds")
     if path.is_file():
         log(f"hard examples from cache {path}")
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+            cached = {k: z[k] for k in z.files}
+        return cached, float(seconds_path.read_text()) if seconds_path.is_file() else None
     t0 = time.perf_counter()
     mined = mine()
-    log(f"mined in {time.perf_counter() - t0:.0f} s")
+    seconds = time.perf_counter() - t0
+    log(f"mined in {seconds:.0f} s")
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **mined)
-    return mined
+        np.savez(fh, **cast(dict[str, Any], mined))  # (names are sample names, never savez's own keywords)
+    write_text_atomic(seconds_path, f"{seconds:.1f}")
+    return mined, seconds
 
 
 def _cached_data(cfg: TrainConfig, ct_dir: Path, work: Path, log: Callable[[str], None]
@@ -854,6 +860,10 @@ def _focus_text(cfg: dict[str, Any]) -> str:
     return " (odds " + ", ".join(f"{k} x{v:g}" for k, v in focus.items()) + ")" if focus else ""
 
 
+def _mine_text(seconds: dict[str, float]) -> str:
+    return f" hard-example mining {seconds['mine'] / 60:.1f} min," if "mine" in seconds else ""
+
+
 def _hard_text(cfg: dict[str, Any]) -> str:
     frac = float(cfg.get("hard_negatives", 0.0))
     which = cfg.get("hard_classes") or []
@@ -913,8 +923,8 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
          f"{' with deep supervision (1, 1/2, 1/4, 1/8 resolution)' if cfg.get('deep_supervision') else ''},"
          f" head biases started at the log class frequencies: {bool(cfg.get('prior_bias'))}, bf16 autocast:"
          f" {train['bf16']}, {train['threads']} CPU threads, torch {train['torch']}, seed {cfg['seed']}."),
-        (f"* Time: data {train['seconds']['data'] / 60:.1f} min, training {train['seconds']['train'] / 60:.1f} min"
-         " (on a shared 2-core CPU)."),
+        (f"* Time: data {train['seconds']['data'] / 60:.1f} min,{_mine_text(train['seconds'])} training"
+         f" {train['seconds']['train'] / 60:.1f} min (on a shared 2-core CPU)."),
         (f"* Reproduce: `ctpassport model train-demo --steps {cfg['steps']} --crop {_csv(cfg['crop'])}"
          f"{' --crop-start ' + _csv(cfg['crop_start']) + ' --crop-switch ' + str(cfg['crop_switch']) if cfg.get('crop_start') else ''}"
          f" --optimizer {cfg.get('optimizer', 'adamw')}"
