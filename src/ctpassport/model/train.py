@@ -409,18 +409,13 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
             raise InputError(f"crop {tuple(c)} must be three multiples of 16 (the network's total stride)")
     from .classes import NAME_TO_ID
 
-    unknown = sorted(set(cfg.class_focus) - set(NAME_TO_ID))
-    if unknown:
-        raise InputError(f"--focus names unknown classes: {', '.join(unknown)} (use TotalSegmentator class names)")
+    _check_class_names("--focus", cfg.class_focus)
     focus_ids = {NAME_TO_ID[n]: float(f) for n, f in cfg.class_focus.items()} or None
     if not 0.0 <= cfg.hard_negatives <= 1.0:
         raise InputError(f"--hard-negatives {cfg.hard_negatives:g} must be a fraction between 0 and 1")
     if cfg.hard_negatives > 0 and not cfg.init_from:
         raise InputError("--hard-negatives mines the errors of trained weights: give --init-from a trained model")
-    unknown = sorted(set(cfg.hard_classes) - set(NAME_TO_ID))
-    if unknown:
-        raise InputError(f"--hard-classes names unknown classes: {', '.join(unknown)} (use TotalSegmentator class"
-                         " names)")
+    _check_class_names("--hard-classes", cfg.hard_classes)
     t_start = time.perf_counter()
     samples, props, t_made = _cached_data(cfg, Path(ct_dir), work, log)
     t_data = time.perf_counter() - t_start if t_made is None else t_made
@@ -618,8 +613,9 @@ def gross_errors(pred: np.ndarray, labels: np.ndarray, mask: np.ndarray | None =
     cube = ndimage.generate_binary_structure(3, 3)
     for k in np.unique(pred[wrong]):
         cand = wrong & (pred == k)
-        lo = np.maximum(np.argwhere(cand).min(0) - margin, 0)
-        hi = np.minimum(np.argwhere(cand).max(0) + margin + 1, pred.shape)
+        where = np.argwhere(cand)
+        lo = np.maximum(where.min(0) - margin, 0)
+        hi = np.minimum(where.max(0) + margin + 1, pred.shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         near = ndimage.binary_dilation(labels[box] == k, structure=cube, iterations=margin)
         gross[box] |= cand[box] & ~near
@@ -697,21 +693,38 @@ def _cached_mining(init_from: Path, work: Path, samples: list[Sample], log: Call
     h = hashlib.sha256(b"rows: z, y, x, named class\n")
     h.update((init_from / "fold_0" / CHECKPOINT_NAME).read_bytes())
     h.update(json.dumps([(smp.name, smp.image.shape) for smp in samples]).encode())
-    path = work / f"hard-{h.hexdigest()[:16]}.npz"
+
+    def load(path: Path) -> dict[str, np.ndarray]:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+    def save(mined: dict[str, np.ndarray], fh: Any) -> None:
+        np.savez(fh, **cast(dict[str, Any], mined))  # (names are sample names, never savez's own keywords)
+
+    mined, seconds, made = _timed_cache(work / f"hard-{h.hexdigest()[:16]}.npz", "hard examples", log, mine,
+                                        load, save)
+    if made:
+        log(f"mined in {seconds:.0f} s")
+    return mined, seconds
+
+
+def _timed_cache(path: Path, what: str, log: Callable[[str], None], make: Callable[[], Any],
+                 load: Callable[[Path], Any], save: Callable[[Any, Any], None]) -> tuple[Any, float | None, bool]:
+    """``make()`` cached at ``path`` (written atomically by ``save(value, binary file)``, read by ``load``),
+    with the seconds it took in a ``.seconds`` file beside it: ``(value, seconds or None when unknown, made
+    now)``. A cache hit reports the time the making took, not the time the reading took."""
     seconds_path = path.with_suffix(".seconds")
     if path.is_file():
-        log(f"hard examples from cache {path}")
-        with np.load(path) as z:
-            cached = {k: z[k] for k in z.files}
-        return cached, float(seconds_path.read_text()) if seconds_path.is_file() else None
+        log(f"{what} from cache {path}")
+        value = load(path)
+        return value, float(seconds_path.read_text()) if seconds_path.is_file() else None, False
     t0 = time.perf_counter()
-    mined = mine()
+    value = make()
     seconds = time.perf_counter() - t0
-    log(f"mined in {seconds:.0f} s")
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **cast(dict[str, Any], mined))  # (names are sample names, never savez's own keywords)
+        save(value, fh)
     write_text_atomic(seconds_path, f"{seconds:.1f}")
-    return mined, seconds
+    return value, seconds, True
 
 
 def _cached_data(cfg: TrainConfig, ct_dir: Path, work: Path, log: Callable[[str], None]
@@ -725,20 +738,14 @@ def _cached_data(cfg: TrainConfig, ct_dir: Path, work: Path, log: Callable[[str]
 
     key = json.dumps({"anatomy": ANATOMY_VERSION, "n": cfg.n_phantoms, "seed0": cfg.phantom_seed0,
                       "spacings": list(cfg.extra_spacings), "seed": cfg.seed, "ct_dir": str(ct_dir.resolve())})
-    path = work / f"data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
-    seconds_path = path.with_suffix(".seconds")
-    if path.is_file():
-        log(f"training data from cache {path}")
+
+    def load(path: Path) -> Any:
         with open(path, "rb") as fh:
-            data = pickle.load(fh)
-        seconds = float(seconds_path.read_text()) if seconds_path.is_file() else None
-        return data[0], data[1], seconds
-    t0 = time.perf_counter()
-    data = prepare_data(cfg, ct_dir, log)
-    seconds = time.perf_counter() - t0
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        pickle.dump(data, fh, protocol=4)
-    write_text_atomic(seconds_path, f"{seconds:.1f}")
+            return pickle.load(fh)
+
+    data, seconds, _ = _timed_cache(work / f"data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl",
+                                    "training data", log, lambda: prepare_data(cfg, ct_dir, log), load,
+                                    lambda value, fh: pickle.dump(value, fh, protocol=4))
     return data[0], data[1], seconds
 
 
@@ -858,6 +865,15 @@ def _csv_focus(cfg: dict[str, Any]) -> str:
 def _focus_text(cfg: dict[str, Any]) -> str:
     focus = cfg.get("class_focus") or {}
     return " (odds " + ", ".join(f"{k} x{v:g}" for k, v in focus.items()) + ")" if focus else ""
+
+
+def _check_class_names(option: str, names: Any) -> None:
+    """An :class:`InputError` naming ``option`` if any of ``names`` is not a TotalSegmentator class name."""
+    from .classes import NAME_TO_ID
+
+    unknown = sorted(set(names) - set(NAME_TO_ID))
+    if unknown:
+        raise InputError(f"{option} names unknown classes: {', '.join(unknown)} (use TotalSegmentator class names)")
 
 
 def _mine_text(seconds: dict[str, float]) -> str:
