@@ -254,3 +254,73 @@ def test_passport_normals_are_used_and_older_passports_still_register(scene) -> 
     assert any("--normals" in n for n in old.summary["notes"]) and not any("--normals" in n for n in new.summary["notes"])
     t_new, t_old = (tre_stats(r.transform_points(x), y)["mean"] for r in (new, old))
     assert t_new < 0.4 * before and t_old < 0.4 * before, (before, t_new, t_old)
+
+
+def test_bounded_matching_equals_unbounded_pairs_and_rejection() -> None:
+    """:meth:`Matcher.matched` searches only within a bound and queries again where an organ's outlier
+    threshold reaches it: kept pairs and their distances must be exactly those of unbounded queries followed
+    by :meth:`Matcher.reject`, whether the fallback runs (an organ displaced far beyond the bound) or not."""
+    rng = np.random.default_rng(3)
+
+    def blob(n: int, c: float) -> np.ndarray:
+        return rng.normal(scale=8.0, size=(n, 3)) + c
+
+    sets = [
+        OrganPoints(1, "near", blob(300, 0.0), blob(280, 1.0), 300, 280),
+        OrganPoints(2, "far", blob(200, 100.0), blob(220, 160.0), 200, 220),  # 60 mm apart: median >> bound
+        OrganPoints(3, "mixed", blob(150, -80.0), np.vstack([blob(140, -80.0), blob(20, -20.0)]), 150, 160),
+    ]
+    m = Matcher(sets)
+    now = m.fixed + rng.normal(scale=0.5, size=m.fixed.shape)
+    qf, qm = np.arange(0, len(now), 2), np.arange(1, len(m.moving), 2)
+    fi0, mj0, dd0, fwd0 = m.pairs(now, qf, qm)
+    keep0 = m.reject(fi0, dd0, 3.0, 2.0)
+    for bound in (0.5, 4.0, 15.0, np.inf):
+        fi, mj, dd, fwd, keep = m.matched(now, 3.0, 2.0, qf, qm, bound_mm=bound)
+        np.testing.assert_array_equal(keep, keep0)
+        np.testing.assert_array_equal(fwd, fwd0)
+        np.testing.assert_array_equal(fi[keep], fi0[keep0])
+        np.testing.assert_array_equal(mj[keep], mj0[keep0])
+        np.testing.assert_array_equal(dd[keep], dd0[keep0])
+        assert fi.max() < len(m.fixed) and mj.max() < len(m.moving)  # no "missing" index leaks out
+    assert not keep0[: len(qf)][m.gf[qf] == 2].all()  # (the far organ's threshold really is large)
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([9.0, 9.0, 9.0, 1.0]),
+        np.array([[0.0, -8.0, 0.0, 5.0], [7.0, 0.0, 0.0, -3.0], [0.0, 0.0, -9.0, 2.0], [0.0, 0.0, 0.0, 1.0]]),
+    ],
+)
+def test_min_cell_jacobian_matches_the_trilinear_interpolant(affine: np.ndarray) -> None:
+    """The smallest Jacobian determinant of ``x + u(x)`` at the cell corners, against numerical derivatives
+    of the trilinear interpolant (scipy ``map_coordinates``, order 1) just inside every corner of every cell,
+    in world mm on a permuted and flipped grid."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    from ctpassport.register.deformable import min_cell_jacobian
+
+    rng = np.random.default_rng(5)
+    shape = (6, 5, 7)
+    g = GridSpec(shape, affine)
+    u = gaussian_filter(rng.normal(size=(*shape, 3)), [1.0, 1.0, 1.0, 0.0]) * 25.0  # RAS+ mm, some folds
+    cells = np.stack(np.meshgrid(*[np.arange(n - 1) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    a_inv = np.linalg.inv(affine[:3, :3])
+    h, inset = 1e-7, 1e-6
+    best = np.inf
+    for corner in np.ndindex(2, 2, 2):
+        c = np.asarray(corner, dtype=float)
+        p = cells + c + inset * (1.0 - 2.0 * c)  # just inside the cell at that corner
+        du_di = np.empty((len(p), 3, 3))  # [point, RAS component, index axis]
+        for ax in range(3):
+            e = np.zeros(3)
+            e[ax] = h
+            for comp in range(3):
+                hi = map_coordinates(u[..., comp], (p + e).T, order=1)
+                lo = map_coordinates(u[..., comp], (p - e).T, order=1)
+                du_di[:, comp, ax] = (hi - lo) / (2 * h)
+        jac = np.eye(3) + du_di @ a_inv  # d(x + u)/dx in world mm
+        best = min(best, float(np.linalg.det(jac).min()))
+    assert best < 0.5  # the case has strongly compressed cells
+    assert min_cell_jacobian(u, g) == pytest.approx(best, abs=1e-3)

@@ -174,8 +174,7 @@ def residual_rows(result: Any, fixed: Any, moving: Any) -> list[dict[str, Any]]:
         if f is not None and m is not None:
             c = result.transform.apply(np.asarray([f.centroid_mm]))[0]
             row["centroid_mm"] = round(float(np.linalg.norm(c - np.asarray(m.centroid_mm))), 2)
-            pf = np.asarray(f.boundary_points_mm, dtype=np.float64).reshape(-1, 3)
-            pm = np.asarray(m.boundary_points_mm, dtype=np.float64).reshape(-1, 3)
+            pf, pm = f.points_array(), m.points_array()
             if len(pf) and len(pm):
                 d, _ = cKDTree(pm).query(result.transform.apply(pf))
                 row["surface_mm"] = round(float(np.mean(d)), 2)

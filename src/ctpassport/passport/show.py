@@ -73,10 +73,6 @@ def _hex(c: tuple[float, float, float]) -> str:
     return "#" + "".join(f"{round(255 * x):02x}" for x in c)
 
 
-def _points(o: Organ) -> np.ndarray:
-    return np.asarray(o.boundary_points_mm, dtype=np.float64).reshape(-1, 3)
-
-
 def spine_chain(passport: Passport) -> list[dict[str, Any]]:
     """The vertebrae C1..S1 in order, each ``{"name", "short", "present", "centroid"}`` (world mm, RAS+).
 
@@ -128,7 +124,7 @@ def _draw_projection(ax: Any, passport: Passport, view: str) -> None:
 
     h, v, title, hends, vends = _VIEWS[view]
     organs = passport.organs
-    allp = [_points(o) for o in organs]
+    allp = [o.points_array() for o in organs]
     for o, pts in zip(organs, allp):
         if len(pts):
             ax.scatter(pts[:, h], pts[:, v], s=2.5, color=organ_color(o.id), alpha=0.6, linewidths=0,
@@ -158,7 +154,7 @@ def _draw_3d(ax: Any, passport: Passport) -> None:
     allp = []
     for o in passport.organs:
         col = organ_color(o.id)
-        pts = _points(o)
+        pts = o.points_array()
         if len(pts):
             ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=2.0, color=col, alpha=0.5, linewidths=0,
                        depthshade=False, rasterized=True)
@@ -304,7 +300,7 @@ def html_figures(passport: Passport) -> list[Any]:
     for o in passport.organs:
         col = _hex(organ_color(o.id))
         name = organ_label(o)
-        pts = _points(o)
+        pts = o.points_array()
         c = np.asarray(o.centroid_mm)
         fig3d.add_trace(go.Scatter3d(x=pts[:, 0], y=pts[:, 1], z=pts[:, 2], mode="markers", name=name,
                                      legendgroup=name, marker={"size": 1.6, "color": col, "opacity": 0.5},
