@@ -183,9 +183,10 @@ def test_bf16_keeps_network_ends_in_fp32(rng: np.random.Generator) -> None:
     import openvino as ov
 
     core = ov.Core()
-    plain = _conv_chain(4, rng)
-    assert _bf16_conv_precisions(core, plain) == ["bf16"] * 4
-    assert _bf16_conv_precisions(core, B.keep_ends_fp32(core, plain)) == ["f32", "bf16", "bf16", "f32"]
+    plain = _conv_chain(5, rng)
+    assert _bf16_conv_precisions(core, plain) == ["bf16"] * 5
+    # the first block, and the last two convolutions (in the U-Net: the last 3x3x3 block and the output layer)
+    assert _bf16_conv_precisions(core, B.keep_ends_fp32(core, plain)) == ["f32", "bf16", "bf16", "f32", "f32"]
     # two convolutions: both ends, so the whole network is float32 and equals the fp32 compile
     two = _conv_chain(2, rng)
     x = rng.standard_normal((1, 1, 16, 16, 16)).astype(np.float32) * 3
@@ -198,12 +199,13 @@ def test_bf16_keeps_network_ends_in_fp32(rng: np.random.Generator) -> None:
 
 @needs_openvino
 @pytest.mark.skipif(not B.native_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16) [allowed]")
-def test_bf16_backend_runs_first_and_output_convolutions_in_fp32(segmenter) -> None:  # type: ignore[no-untyped-def]
+def test_bf16_backend_runs_first_and_last_blocks_in_fp32(segmenter) -> None:  # type: ignore[no-untyped-def]
     ov = B.OpenVinoBackend(segmenter.onnx_path, 2, precision="bf16")
     for argmax in (False, True):
         convs = _conv_precisions(ov._request((1, 1, 32, 48, 32), argmax, run=False).get_compiled_model())
         assert len(convs) == 19  # 10 encoder, 8 decoder, 1 segmentation layer
-        assert convs[0] == convs[-1] == "f32" and set(convs[1:-1]) == {"bf16"}, convs
+        # the first convolution; the last 3x3x3 convolution and the segmentation layer
+        assert convs[0] == convs[-2] == convs[-1] == "f32" and set(convs[1:-2]) == {"bf16"}, convs
 
 
 # ------------------------------------------------------------------------------------------------

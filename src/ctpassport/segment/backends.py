@@ -14,7 +14,7 @@ this machine):
 =================  ===========================================================================================
 ``onnxruntime``    ONNX Runtime CPU, fp32: the exact parity path (nnU-Net's arithmetic end to end)
 ``openvino``       OpenVINO CPU, fp32, static patch shape
-``openvino-bf16``  OpenVINO CPU, bfloat16 compute (AMX / AVX512-BF16), input block and output layer in fp32:
+``openvino-bf16``  OpenVINO CPU, bfloat16 compute (AMX / AVX512-BF16), first and last blocks in fp32:
                    the fast CPU path
 ``openvino-int8``  OpenVINO CPU, int8 post-training quantisation (NNCF) calibrated on real CT
 ``cuda``           PyTorch on a CUDA GPU, fp16 autocast, channels-last, optional ``torch.compile``
@@ -183,7 +183,7 @@ class OpenVinoBackend:
     """OpenVINO on the CPU with a static input shape per compiled model.
 
     ``precision``: ``fp32`` (IEEE float32 compute), ``bf16`` (bfloat16 compute with float32 accumulation,
-    needs native bf16: AMX or AVX512-BF16; the network's ends stay in float32, see :func:`keep_ends_fp32`) or
+    needs native bf16: AMX or AVX512-BF16; the network's first and last blocks stay in float32, see :func:`keep_ends_fp32`) or
     ``int8`` (an NNCF-quantised IR, ``model_xml``). Models are
     compiled lazily per input shape (the exported ONNX has dynamic spatial axes; a static shape lets the
     CPU plugin pick its fastest kernels). :meth:`predict_labels` compiles a variant with the channel argmax
@@ -273,20 +273,23 @@ class OpenVinoBackend:
 
 
 def keep_ends_fp32(core: Any, model: Any) -> Any:
-    """``model`` with its first convolution block and its output layer marked to stay in float32 under bf16.
+    """``model`` with its first convolution block and its last block (the last 3x3x3 convolution, its norm and
+    activation, and the 1x1x1 output layer) marked to stay in float32 under bf16.
 
     Under ``INFERENCE_PRECISION_HINT=bf16`` the CPU plugin rounds every layer's input to bfloat16 (8-bit
-    mantissa). Two roundings lose what the rest of the network does not: the normalised CT at the input
-    (steps of up to ~8 HU) and the logits at the output (steps of 1/16 between 8 and 16, so near-equal
-    classes become exact ties that the argmax breaks toward the lower index). The ops up to the second
-    convolution (first convolution, its norm and activation) and from the last convolution on (the 1x1x1
-    segmentation layer) are marked with OpenVINO's ``DisablePrecisionConversion`` attribute, which the CPU
-    plugin honours. Measured on the (six-stage) demo model, example_ct, against TotalSegmentator running it:
-    mean Dice (organs >= 1 ml) 0.969 -> 0.988, voxel agreement 0.9982 -> 0.9988 (against the exact ONNX Runtime
-    labels: every layer in float32 with bf16 activations between them 0.990, OpenVINO fp32 0.995; the output
-    layer alone gives 0.986 of the 0.988). Cost, stand-in weights, in-memory segmentation, 10 interleaved runs:
-    example_ct 0.92 -> 1.07 s, 458 x 379 x 224 0.94 -> 1.10 s (median; the float32 1x1x1 layer writes 118
-    float32 channels at full patch resolution).
+    mantissa). Roundings at the ends lose what the rest of the network does not: the normalised CT at the input
+    (steps of up to ~8 HU) and, at the output, the features and logits that decide near-equal classes (logits
+    in steps of 1/16 between 8 and 16 become exact ties that the argmax breaks toward the lower index). The ops
+    up to the second convolution (first convolution, its norm and activation) and from the second-to-last
+    convolution on are marked with OpenVINO's ``DisablePrecisionConversion`` attribute, which the CPU plugin
+    honours. Measured on the demo model, example_ct, against TotalSegmentator 2.18 running it (mean Dice over
+    organs >= 1 ml / voxel agreement): all-bf16 0.969 / 0.9982 (six-stage model); input block and output
+    layer only 0.9897 / 0.99878 (eleven-stage model, shipped until 2026-12-06); **these ends 0.9909 /
+    0.99892**; the whole last decoder stage 0.9918 / 0.99903; every op marked 0.9929 / 0.99917 (the tensors
+    between marked ops still pass through bf16 storage; OpenVINO fp32: 0.9973 / 0.99978). Cost: see
+    docs/benchmark.md (in-memory segmentation of example_ct with stand-in weights, one interleaved run:
+    0.89 s with the output layer alone, 1.05 s with the last block, 1.47 s with the whole last decoder stage,
+    2.30 s OpenVINO fp32).
 
     The attribute has no Python constructor, so the model takes a trip through IR XML (in memory after a
     temporary file): ``save_model`` -> add ``<rt_info><attribute name="DisablePrecisionConversion" .../>`` to the
@@ -303,7 +306,8 @@ def keep_ends_fp32(core: Any, model: Any) -> Any:
     if not conv_at:
         return model
     second = conv_at[1] if len(conv_at) > 1 else conv_at[0] + 1
-    keep = {o.get_friendly_name() for o in ops[:second] + ops[conv_at[-1]:]}
+    last = conv_at[-2] if len(conv_at) > 2 else conv_at[-1]  # the last 3x3x3 convolution (then the 1x1x1 one)
+    keep = {o.get_friendly_name() for o in ops[:second] + ops[last:]}
     with tempfile.TemporaryDirectory(prefix="ctpassport-ov-") as tmp:
         xml_path = Path(tmp) / "model.xml"
         ov.save_model(model, str(xml_path), compress_to_fp16=False)
