@@ -579,8 +579,8 @@ def smallest_eigenvectors(cov: np.ndarray) -> np.ndarray:
 
 
 #: Threads per KD-tree query: two where the machine has them. Measured on the 2-core machine (full-torso
-#: passports, 50 000 points, a third querying): a query 8.0 instead of 10.6 ms, the whole deformable tier
-#: 0.49 instead of 0.54 s wall at the same CPU time. More threads were not measured.
+#: passports, 50 000 points, a third querying): the whole deformable tier 0.49 instead of 0.54 s wall at the
+#: same CPU time; single queries 0-30 % faster, varying between runs. More threads were not measured.
 KD_WORKERS = min(2, os.cpu_count() or 1)
 #: KD-tree leaf size (measured: 32 builds and queries these point sets fastest).
 KD_LEAF = 32

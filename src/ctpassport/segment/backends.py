@@ -183,8 +183,8 @@ class OpenVinoBackend:
     """OpenVINO on the CPU with a static input shape per compiled model.
 
     ``precision``: ``fp32`` (IEEE float32 compute), ``bf16`` (bfloat16 compute with float32 accumulation,
-    needs native bf16: AMX or AVX512-BF16; the network's first and last blocks stay in float32, see :func:`keep_ends_fp32`) or
-    ``int8`` (an NNCF-quantised IR, ``model_xml``). Models are
+    needs native bf16: AMX or AVX512-BF16; the network's first and last blocks stay in float32, see
+    :func:`keep_ends_fp32`) or ``int8`` (an NNCF-quantised IR, ``model_xml``). Models are
     compiled lazily per input shape (the exported ONNX has dynamic spatial axes; a static shape lets the
     CPU plugin pick its fastest kernels). :meth:`predict_labels` compiles a variant with the channel argmax
     (``TopK``, k=1, first index on ties) appended, so only one byte per voxel leaves the engine.
