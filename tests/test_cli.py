@@ -57,6 +57,8 @@ BAD_INPUTS = {
     "nan": (lambda p: _save(p, np.full((8, 8, 8), np.nan, np.float32)), "NaN"),
     "zero_spacing": (lambda p: _save(p, np.zeros((8, 8, 8), np.int16), np.diag([0.0, 3, 3, 1])), "spacing"),
     "huge_spacing": (lambda p: _save(p, np.zeros((8, 8, 8), np.int16), np.diag([1e6, 3, 3, 1])), "spacing"),
+    # 1 mm thick: no voxel of the model's 3 mm grid fits
+    "thin_slab": (lambda p: _save(p, np.zeros((8, 8, 1), np.int16), np.diag([3.0, 3, 1, 1])), "too thin"),
 }
 
 
@@ -67,7 +69,7 @@ def test_bad_input_one_line_error_and_no_output(case: str, tmp_path: Path) -> No
     if maker is not None:
         maker(inp)
     out = tmp_path / "out" / "seg.nii.gz"
-    res = runner.invoke(app, ["segment", "-i", str(inp), "-o", str(out), "--ml", "-q"])
+    res = runner.invoke(app, ["segment", "-i", str(inp), "-o", str(out), "--ml", "--model", "demo", "-q"])
     assert res.exit_code != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
@@ -124,6 +126,11 @@ def test_segment_outputs_force_and_quiet(tmp_path: Path, standin_home: Path, onn
     assert res.exit_code == 0, res.output
     vals = set(np.unique(np.asanyarray(nib.load(str(sub)).dataobj)).tolist())
     assert vals <= {0, 1, 5}
+    # --statistics beside another output in the same folder: statistics.json exists, so not without --force
+    other = tmp_path / "other.nii.gz"
+    res = runner.invoke(app, ["segment", "-i", str(ct), "-o", str(other), "--ml", "--model", str(standin_home),
+                              "--statistics", "-q"])
+    assert res.exit_code == 4 and "statistics.json" in res.stderr and not other.exists()
 
 
 @pytest.mark.torch

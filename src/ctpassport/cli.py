@@ -110,7 +110,7 @@ def segment_cmd(
     ml: Annotated[bool, typer.Option("--ml", help="One multilabel file with the label table (like TotalSegmentator --ml).")] = False,
     roi_subset: Annotated[list[str] | None, typer.Option("--roi_subset", "-rs", help="Keep only these classes (names).")] = None,
     statistics: Annotated[bool, typer.Option("--statistics", "-s", help="Write statistics.json (volume mm3, mean HU).")] = False,
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir; `demo` = the embedded demo model.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="cpu or gpu (gpu: CUDA backend when available).")] = "cpu",
     backend: Annotated[str | None, typer.Option("--backend", help="auto (default: the fastest backend that keeps parity on this machine, e.g. openvino-bf16 on AMX CPUs), onnxruntime (exact fp32 parity path), openvino, openvino-bf16, openvino-int8, cuda, torch.")] = None,
     nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads (0 = all cores).")] = 0,
@@ -129,11 +129,15 @@ def segment_cmd(
     from .segment.pipeline import Segmenter, Timings, classes_for, load_input
 
     cfg = Config.from_env()
-    check_writable(output, force)
+    check_writable(output, force, folder=not ml and output_type != "dicom_seg")
     if passport is not None:
         check_writable(passport, force)
     if timings is not None:
         check_writable(timings, force)
+    if statistics:
+        from .segment.pipeline import statistics_path
+
+        check_writable(statistics_path(output, ml=ml or output_type == "dicom_seg"), force)
     classes_for(roi_subset)  # fail early on unknown names
     tm = Timings()
     if output_type not in ("nifti", "dicom_seg"):
@@ -156,7 +160,7 @@ def segment_cmd(
         def passport_fn(result: Any, tm: Any) -> None:
             passport_from_segmentation(result, passport, input_path=input, grid=passport_grid,
                                        model_id=seg.model.model_id, timings=tm.seconds, ct=image.data,
-                                       normals=normals)
+                                       normals=normals, series_uid=series_uid)
 
     with progress:
         def tick(n: int) -> None:
@@ -358,7 +362,7 @@ def register_cmd(
     from .errors import InputError
     from .io.atomic import check_writable
 
-    check_writable(output, force)
+    check_writable(output, force, folder=True)
     if tier not in ("rigid", "deformable"):
         raise InputError(f"--tier must be rigid or deformable, not {tier!r}")
     passports = fixed is not None or moving is not None
@@ -478,7 +482,7 @@ def validate_registration_cmd(
     from .errors import InputError
     from .io.atomic import check_writable
 
-    check_writable(output, force)
+    check_writable(output, force, folder=True)
     if cases < 1:
         raise InputError(f"--cases must be >= 1, not {cases}")
     say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
@@ -921,7 +925,7 @@ def store_register_cmd(
     from .store.db import PassportStore
     from .store.registration import register_studies
 
-    check_writable(output, force)
+    check_writable(output, force, folder=True)
     with PassportStore(db) as store:
         fixed, moving = store.get(fixed_study), store.get(moving_study)
     result = register_studies(fixed, moving, output, tier=tier, method=method, force=force)

@@ -263,7 +263,7 @@ def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_
     except ImportError:  # pragma: no cover - viz extra missing
         raise CTPassportError("ctpassport demo draws its report with matplotlib",
                               hint="pip install 'ctpassport[viz]'") from None
-    out = check_writable(out_dir, force)
+    out = check_writable(out_dir, force, folder=True)
     from .segment.pipeline import Timings
 
     clock = Timings()

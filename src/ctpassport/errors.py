@@ -36,10 +36,14 @@ class ModelError(CTPassportError):
     exit_code = 3
 
 
-class OutputExistsError(CTPassportError):
-    """An output exists and ``--force`` was not given."""
+class OutputError(CTPassportError):
+    """An output cannot be written where it was asked for (exists, wrong kind, not writable)."""
 
     exit_code = 4
+
+
+class OutputExistsError(OutputError):
+    """An output exists and ``--force`` was not given."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__("output exists", path, "pass --force to overwrite it")

@@ -355,7 +355,7 @@ def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256
         _record_checksum(src_url, digests["sha256"])
     size = part.stat().st_size
     try:
-        with atomic_path(final, is_dir=True) as tmp:
+        with atomic_path(final, is_dir=True, foreign_ok=True) as tmp:
             raw = tmp / ".unpacked"
             raw.mkdir()
             unpack(part, raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -209,3 +210,42 @@ def test_cli_dicom_seg_needs_dicom_input(ct_dir: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o",
                                    str(tmp_path / "x.dcm"), "--output-type", "rtstruct", "-q"])
     assert res.exit_code != 0 and "--output-type must be nifti or dicom_seg" in res.output
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_cli_series_choice_and_class_subset_reach_the_passport(dicom_ct: DicomImage3D, standin_home: Path,
+                                                               tmp_path: Path) -> None:
+    """A folder with two series: ``--series-uid`` of the smaller one is the one segmented, hashed in the
+    passport and read again for its HU; ``-rs`` with DICOM SEG output keeps the passport to the same subset as
+    the SEG (as on the NIfTI path)."""
+    import shutil
+
+    from ctpassport.io.load import source_sha256
+
+    folder = tmp_path / "two"
+    shutil.copytree(dicom_ct.path, folder)
+    big = np.zeros((*dicom_ct.data.shape[:2], dicom_ct.data.shape[2] + 6), dtype=np.int16) - 1000
+    write_dicom_series(big, dicom_ct.affine, tmp_path / "big", SeriesTags(patient_id="P1", uid_seed="big"))
+    for f in (tmp_path / "big").iterdir():
+        shutil.copy(f, folder / f"big_{f.name}")
+    uid = dicom_ct.meta.series_uid
+    assert source_sha256(folder) != source_sha256(folder, uid)  # the largest series is not the one we ask for
+    runner = CliRunner()
+    p_nii = tmp_path / "p_nii.json"
+    res = runner.invoke(app, ["segment", "-i", str(folder), "--series-uid", uid, "-o", str(tmp_path / "l.nii.gz"),
+                              "--ml", "--passport", str(p_nii), "--passport-grid", "output",
+                              "--model", str(standin_home), "-q"])
+    assert res.exit_code == 0, res.output
+    pas = json.loads(p_nii.read_text())
+    assert pas["source"]["sha256"] == source_sha256(folder, uid)
+    assert tuple(pas["grid"]["shape"]) == dicom_ct.data.shape
+    assert any(o["hu_mean"] is not None and o["hu_mean"] > -900 for o in pas["organs"])  # HU of the chosen series
+    p_seg = tmp_path / "p_seg.json"
+    res = runner.invoke(app, ["segment", "-i", str(folder), "--series-uid", uid, "-o", str(tmp_path / "s.dcm"),
+                              "--output-type", "dicom_seg", "-rs", "liver", "-rs", "spleen", "--passport", str(p_seg),
+                              "--model", str(standin_home), "-q"])
+    assert res.exit_code == 0, res.output
+    _, names = read_dicom_seg(tmp_path / "s.dcm")
+    organs = {o["name"] for o in json.loads(p_seg.read_text())["organs"]}
+    assert organs and organs <= {"liver", "spleen"} and set(names.values()) <= {"liver", "spleen"}

@@ -290,10 +290,12 @@ def test_active_head_forward_equals_network() -> None:
         ds = net(x)  # nnU-Net's deep-supervision outputs, full resolution first
         net.decoder.deep_supervision = False
         mine = _forward_active(net, x, [_ActiveHead(layer, active) for layer in list(net.decoder.seg_layers)[-3:]])
-    assert torch.equal(full[:, active], part)
+    # Same function; the 1x1x1 conv over 5 rows instead of 118 may pick another kernel (float32 summation
+    # order): equal to float32 rounding of the logits (|logit| <= ~10 here), not bit for bit.
+    torch.testing.assert_close(part, full[:, active], rtol=0, atol=1e-5)
     assert [tuple(o.shape[2:]) for o in mine] == [(8, 8, 8), (16, 16, 16), (32, 32, 32)]
     for mine_out, theirs in zip(mine[::-1], ds[:3]):
-        assert torch.equal(mine_out, theirs[:, active])
+        torch.testing.assert_close(mine_out, theirs[:, active], rtol=0, atol=1e-5)
 
 
 def test_gross_errors_ignore_boundary_slips_and_keep_false_organs() -> None:

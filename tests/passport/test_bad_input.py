@@ -106,7 +106,7 @@ def _valid_passport_json(tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("case", ["not_json", "truncated", "not_an_object", "bad_version", "missing_grid",
                                   "ascending_eigenvalues", "bad_point", "extra_field", "duplicate_ids",
-                                  "normals_count", "normal_not_unit"])
+                                  "normals_count", "normal_not_unit", "nan_point", "infinite_centroid"])
 def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> None:
     good = _valid_passport_json(tmp_path)
     bad = tmp_path / "bad.json"
@@ -139,6 +139,12 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
         elif case == "normal_not_unit":
             good["organs"][0]["boundary_normals"][0] = [0.5, 0.0, 0.0]
             doc, words = good, ("boundary_normals", "unit")
+        elif case == "nan_point":  # json.dumps writes NaN, which Python's json reads back
+            good["organs"][0]["boundary_points_mm"][0] = [float("nan"), 2.0, 3.0]
+            doc, words = good, ("boundary_points_mm", "finite")
+        elif case == "infinite_centroid":
+            good["organs"][0]["centroid_mm"] = [float("inf"), 2.0, 3.0]
+            doc, words = good, ("centroid_mm", "finite")
         elif case == "extra_field":
             good["organs"][0]["colour"] = "red"
             doc, words = good, ("colour",)

@@ -1,4 +1,9 @@
-"""Atomic writes: a crash or an error never leaves a half-written output behind."""
+"""Atomic writes: a crash or an error never leaves a half-written output behind.
+
+Folder outputs (mask folders, registration and report folders) carry a marker file, ``.ctpassport-output``.
+``--force`` replaces an existing folder as a whole only when it is empty or holds that marker, so a
+mistyped ``-o ~/Documents --force`` is refused instead of deleting what the folder held.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,66 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputExistsError
+from ..errors import OutputError, OutputExistsError
+
+#: Name of the marker file every folder output holds; an existing folder is replaced only when it has one.
+OUTPUT_MARKER = ".ctpassport-output"
 
 
-def check_writable(path: str | Path, force: bool) -> Path:
-    """Refuse to overwrite ``path`` unless ``force``; create its parent folder. Returns the path."""
+def check_writable(path: str | Path, force: bool, *, folder: bool = False) -> Path:
+    """Refuse to overwrite ``path`` unless ``force``; create its parent folder. Returns the path.
+
+    ``folder``: the output is a folder (else a file). A file output that names an existing folder (or the
+    reverse), a parent that cannot be made or written to, and a folder that ctpassport did not write (see
+    :data:`OUTPUT_MARKER`) are refused with :class:`~ctpassport.errors.OutputError`, ``force`` or not.
+    """
     p = Path(path)
+    if p.is_dir() and not folder:
+        raise OutputError("is a folder, but this output is a file", p, "name a file")
+    if p.exists() and not p.is_dir() and folder:
+        raise OutputError("is a file, but this output is a folder", p, "name a folder")
     if p.exists() and not force:
         raise OutputExistsError(p)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if folder and p.is_dir():
+        _check_replaceable(p)
+    _make_parent(p)
     return p
+
+
+def _make_parent(p: Path) -> None:
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError("cannot be written: a part of its folder path is a file", p) from None
+    except OSError as exc:
+        raise OutputError(f"cannot create its folder {parent}: {exc.strerror}", p) from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot be written: no permission to write in {parent}", p)
+
+
+def _check_replaceable(p: Path) -> None:
+    """Raise unless the existing folder ``p`` is empty or is a ctpassport output (holds the marker)."""
+    if (p / OUTPUT_MARKER).is_file():
+        return
+    entries = sorted(e.name for e in p.iterdir())
+    if entries:
+        raise OutputError(f"is a folder that ctpassport did not write ({len(entries)} entries, e.g. "
+                          f"{entries[0]!r}); not replaced, even with --force", p, "name a new or empty folder")
 
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
     # Keep the full suffix (".nii.gz") so that writers inferring the format from the name still work.
     suffix = "".join(path.suffixes) if not is_dir else ""
     prefix = f".{path.name[: len(path.name) - len(suffix)]}.tmp-"
-    if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    try:
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder normal permissions
+            return tmp
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot be written: {exc.strerror}", path) from None
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
     return Path(name)
@@ -40,15 +86,24 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, is_dir: bool = False, foreign_ok: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success rename it onto ``path``, on error remove it.
 
-    For a folder (``is_dir=True``) an existing ``path`` is replaced as a whole.
+    For a folder (``is_dir=True``) an existing ``path`` is replaced as a whole, and only when it is empty
+    or holds :data:`OUTPUT_MARKER` (written into every folder made here), unless ``foreign_ok``: for caches
+    whose path ctpassport chose itself and for DICOM folders, which get no marker. A file output never
+    replaces a folder.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and not is_dir:
+        raise OutputError("is a folder, but this output is a file", target, "name a file")
+    if is_dir and target.is_dir() and not foreign_ok:
+        _check_replaceable(target)
+    _make_parent(target)
     tmp = _tmp_sibling(target, is_dir)
     try:
+        if is_dir and not foreign_ok:
+            (tmp / OUTPUT_MARKER).write_text("written by ctpassport; --force may replace this folder as a whole\n")
         yield tmp
         if is_dir:
             if target.exists():

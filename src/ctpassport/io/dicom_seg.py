@@ -184,16 +184,14 @@ def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str 
     ``statistics`` writes ``statistics.json`` beside ``output``; ``timings_path`` the stage timings.
     """
     from ..io.atomic import write_text_atomic
-    from ..segment.pipeline import Timings, classes_for
+    from ..segment.pipeline import Timings, classes_for, keep_classes, statistics_path
     from ..segment.statistics import basic_statistics
 
     classes = classes_for(roi_subset)
     tm = timings or Timings()
     result = segmenter.segment(image, timings=tm, progress=progress)
     if roi_subset:
-        keep = np.zeros(256, dtype=bool)
-        keep[list(classes)] = True
-        result.labels = np.where(keep[result.labels], result.labels, 0).astype(np.uint8)
+        keep_classes(result, classes)  # the SEG, the passport and the statistics: the same subset
     if passport is not None:
         with tm.stage("passport"):
             passport(result, tm)
@@ -202,7 +200,7 @@ def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str 
         write_dicom_seg(result.labels, image, classes, out, model_id=segmenter.model.model_id)
         if statistics:
             stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes)
-            write_text_atomic(out.parent / "statistics.json", json.dumps(stats, indent=4))
+            write_text_atomic(statistics_path(out, ml=True), json.dumps(stats, indent=4))
     if timings_path is not None:
         info = tm.as_dict()
         info.update(model_load_seconds=round(segmenter.load_seconds, 6), backend=segmenter.backend_name,

@@ -117,7 +117,7 @@ def write_dicom_series(data: np.ndarray, affine: Affine, folder: str | Path, tag
     now = datetime.now()
     normal = np.cross(iop[:3], iop[3:])
     files: list[Path] = []
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, foreign_ok=True) as tmp:
         for k in range(n_slices):
             sop_uid = _uid(tags.uid_seed, "sop", series_uid, k) if tags.uid_seed is not None else _uid(None)
             meta = FileMetaDataset()

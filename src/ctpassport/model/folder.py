@@ -327,8 +327,13 @@ def locate_model(path: str | Path | None = None, environ: dict[str, str] | None 
 
     ``path`` may be the trainer folder itself, a TotalSegmentator home dir, an nnU-Net ``results`` folder,
     or a checkpoint file; without it ``$TOTALSEG_WEIGHTS_PATH``, ``$TOTALSEG_HOME_DIR`` and
-    ``~/.totalsegmentator`` are searched, like TotalSegmentator does.
+    ``~/.totalsegmentator`` are searched, like TotalSegmentator does. ``"demo"`` (when no such file or
+    folder exists) names the embedded demo model, which does not generalise to real patients.
     """
+    if path is not None and str(path) == "demo" and not Path(path).exists():
+        from .demo import demo_model_dir
+
+        return demo_model_dir()
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -351,5 +356,6 @@ def locate_model(path: str | Path | None = None, environ: dict[str, str] | None 
     raise ModelError(
         f"no TotalSegmentator fast-model weights found (looked in {', '.join(str(d) for d in looked)})",
         hint="install TotalSegmentator's weights, pass --model PATH, or make stand-ins with "
-             "`ctpassport model standin -o HOME` and set TOTALSEG_HOME_DIR=HOME",
+             "`ctpassport model standin -o HOME` and set TOTALSEG_HOME_DIR=HOME; "
+             "`--model demo` runs the embedded demo model, which only knows the project's phantoms",
     )

@@ -625,7 +625,8 @@ def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = Non
 def passport_from_segmentation(result: Any, out_path: str | Path, *, input_path: str | Path,
                                grid: str = "model", model_id: str | None = None,
                                timings: dict[str, float] | None = None, ct: np.ndarray | None = None,
-                               points: int = 500, seed: int = 0, normals: bool = False) -> Passport:
+                               points: int = 500, seed: int = 0, normals: bool = False,
+                               series_uid: str | None = None) -> Passport:
     """Build the passport of a segmentation run and write it atomically to ``out_path`` (JSON).
 
     ``result``: a :class:`~ctpassport.segment.pipeline.SegmentationResult`. ``grid="model"`` takes the
@@ -633,7 +634,8 @@ def passport_from_segmentation(result: Any, out_path: str | Path, *, input_path:
     ``result.model_ct`` for HU, as the original study did); ``grid="output"`` on the input's own grid
     (``result.labels``, HU from ``ct`` (the input CT's voxels) when given, else read again from
     ``input_path``: NIfTI, DICOM folder or zip). ``timings``: the pipeline's seconds per stage so far.
-    ``normals``: store the boundary points' outward normals (see :func:`build_passport`).
+    ``normals``: store the boundary points' outward normals (see :func:`build_passport`). ``series_uid``: the
+    DICOM series that was segmented (default: the largest CT series, as :func:`ctpassport.io.load.load_ct`).
     The passport records the grid kind, the model id and the input's path and SHA-256 (for DICOM: the
     series' identity hash of :func:`ctpassport.io.load.source_sha256`). Coordinates are world mm, RAS+.
     """
@@ -643,7 +645,7 @@ def passport_from_segmentation(result: Any, out_path: str | Path, *, input_path:
 
     inp = Path(input_path)
     t0 = time.perf_counter()
-    source = Source(path=str(inp), sha256=source_sha256(inp))
+    source = Source(path=str(inp), sha256=source_sha256(inp, series_uid))
     timings = {**(timings or {}), "passport_hash": time.perf_counter() - t0}
     if grid == "model":
         labels, affine, hu = result.model_labels, result.model_affine, result.model_ct
@@ -651,7 +653,7 @@ def passport_from_segmentation(result: Any, out_path: str | Path, *, input_path:
         labels, affine, hu = result.labels, result.affine, ct
         if hu is None:  # the input CT, read again (NIfTI file, DICOM folder or zip)
             t0 = time.perf_counter()
-            hu = load_ct(inp).data
+            hu = load_ct(inp, series_uid).data
             timings["passport_read_ct"] = time.perf_counter() - t0
     note = None
     if hu is not None and hu.shape != labels.shape:

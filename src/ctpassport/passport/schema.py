@@ -52,7 +52,7 @@ Mat3 = tuple[Vec3, Vec3, Vec3]
 class Source(BaseModel):
     """The image (label map or CT) the passport was made from."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str | None = None
     sha256: str | None = None
@@ -67,7 +67,7 @@ class Grid(BaseModel):
     segmentation model's canonical 3 mm grid inside the pipeline (as the original study did).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["output", "model"]
     shape: tuple[int, int, int]
@@ -79,7 +79,7 @@ class Grid(BaseModel):
 class Organ(BaseModel):
     """One label present in the label map. All coordinates world mm, RAS+."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: int = Field(ge=1)
     name: str | None = Field(description="TotalSegmentator class name; null for ids it does not know")
@@ -143,7 +143,7 @@ def vec3_array(rows: list[Vec3]) -> np.ndarray:
 class Passport(BaseModel):
     """The passport of one scan. See the module docstring for frames and units."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     schema_version: str = SCHEMA_VERSION
     ctpassport_version: str = __version__

@@ -145,7 +145,7 @@ class RegistrationResult:
     def save(self, out_dir: str | Path, *, force: bool = False) -> Path:
         """Write ``transform.h5``, ``displacement.nii.gz`` (when a grid is known) and ``registration.json``
         into ``out_dir`` atomically (the whole folder appears at once; refused if it exists, unless ``force``)."""
-        out = check_writable(out_dir, force)
+        out = check_writable(out_dir, force, folder=True)
         summary = dict(self.summary)
         files = {TRANSFORM_FILE: CONVENTION[TRANSFORM_FILE]}
         with atomic_path(out, is_dir=True) as tmp:

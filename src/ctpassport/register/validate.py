@@ -548,7 +548,7 @@ def run_suite(
 ) -> dict[str, Any]:
     """Run the whole validation suite and write ``report.md``, ``results.json`` and pictures to ``out_dir``."""
     opts = options or SuiteOptions()
-    out = check_writable(out_dir, force)
+    out = check_writable(out_dir, force, folder=True)
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
     scene = load_scene(seg, ct, points=opts.points)
@@ -946,7 +946,7 @@ def validate_learn2reg(
     root = Path(folder)
     if not root.is_dir():
         raise InputError("no such Learn2Reg folder", root)
-    out = check_writable(out_dir, force)
+    out = check_writable(out_dir, force, folder=True)
     say = progress or (lambda msg: None)
     if segment is None and labels_dir is None:
         raise InputError("need a segmenter or a labels folder for the Learn2Reg validation")

@@ -186,18 +186,14 @@ class Segmenter:
         ``timings`` holding its load time) skips loading when the caller already read the input.
         """
         out = Path(output)
-        check_writable(out, force)
+        check_writable(out, force, folder=not ml)
         classes = classes_for(roi_subset)
         tm = timings or Timings()
         if image is None:
             image = load_input(input_path, tm)
         result = self.segment(image, timings=tm, progress=progress)
         if roi_subset:
-            keep = np.zeros(256, dtype=bool)
-            keep[list(classes)] = True
-            result.labels = np.where(keep[result.labels], result.labels, 0).astype(np.uint8)
-            # the passport (on the model grid) and the statistics describe the same subset
-            result.model_labels = np.where(keep[result.model_labels], result.model_labels, 0).astype(np.uint8)
+            keep_classes(result, classes)
         if passport is not None:
             with tm.stage("passport"):
                 passport(result, tm)
@@ -206,7 +202,7 @@ class Segmenter:
             if statistics:
                 stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes)
                 stats_path = Path(statistics) if isinstance(statistics, (str, Path)) and not isinstance(
-                    statistics, bool) else (out.parent if ml else out) / "statistics.json"
+                    statistics, bool) else statistics_path(out, ml=ml)
                 write_text_atomic(stats_path, json.dumps(stats, indent=4))
         if timings_path is not None:
             info = tm.as_dict()
@@ -214,6 +210,22 @@ class Segmenter:
                         model_id=self.model.model_id, n_tiles=result.n_tiles, input=str(input_path))
             write_text_atomic(Path(timings_path), json.dumps(info, indent=2))
         return result
+
+
+def keep_classes(result: SegmentationResult, classes: dict[int, str]) -> None:
+    """Set every label not in ``classes`` to 0 in ``result.labels`` (input grid) and ``result.model_labels``
+    (model grid), in place, so the output, the passport and the statistics describe the same subset."""
+    keep = np.zeros(256, dtype=bool)
+    keep[list(classes)] = True
+    result.labels = np.where(keep[result.labels], result.labels, 0).astype(np.uint8)
+    result.model_labels = np.where(keep[result.model_labels], result.model_labels, 0).astype(np.uint8)
+
+
+def statistics_path(output: str | Path, *, ml: bool) -> Path:
+    """Where ``--statistics`` writes ``statistics.json``: beside a single output file (``--ml``, DICOM SEG),
+    inside a per-class mask folder otherwise (as TotalSegmentator)."""
+    out = Path(output)
+    return (out.parent if ml else out) / "statistics.json"
 
 
 def classes_for(roi_subset: list[str] | None) -> dict[int, str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..errors import InputError
 from ..io.nifti import Image3D, spacing_from_affine
 from ..io.orientation import Reorientation, reorientation
 from ..model.folder import ModelFolder
@@ -99,6 +100,14 @@ def to_model_grid(image: Image3D, target_spacing: tuple[float, float, float], *,
                          canonical_shape=data_c.shape, canonical_affine=aff_c, zoom=np.ones(3), resampled=False,
                          reorient=ro)
     zoom = img_spacing / new_spacing
+    out_shape = zoom_output_shape(data_c.shape, zoom)
+    if min(out_shape) < 1:
+        ax = int(np.argmin(out_shape))
+        extent = data_c.shape[ax] * img_spacing[ax]
+        raise InputError(f"too thin to segment: {data_c.shape[ax]} voxel(s) x {img_spacing[ax]:.3g} mm = "
+                         f"{extent:.3g} mm along canonical axis {'RAS'[ax]}; the model's "
+                         f"{new_spacing[ax]:.3g} mm grid needs at least {new_spacing[ax] / 2:.3g} mm",
+                         image.path)
     new_affine = aff_c.copy()
     new_affine[:3, :3] = aff_c[:3, :3] / zoom[None, :]
     if resample is not None:

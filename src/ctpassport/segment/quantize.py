@@ -94,7 +94,7 @@ def quantize_int8(model: ModelFolder, onnx_path: Path, out_xml: Path, images: li
     ov_model = ov.Core().read_model(str(onnx_path))
     quantized = nncf.quantize(ov_model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True,
                               preset=nncf.QuantizationPreset.MIXED)
-    with atomic_path(out_xml.parent, is_dir=True) as tmp:  # the .xml and its .bin appear together
+    with atomic_path(out_xml.parent, is_dir=True, foreign_ok=True) as tmp:  # the .xml and its .bin appear together
         ov.save_model(quantized, str(tmp / out_xml.name), compress_to_fp16=False)
     return out_xml
 
