@@ -9,14 +9,15 @@ Commands are testable in-process with ``typer.testing.CliRunner`` on :data:`app`
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from . import __version__
-from .errors import CTPassportError
+from .errors import ConfigError, CTPassportError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -341,6 +342,19 @@ def _read_weights(path: Path | None) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in d.items()}
 
 
+@contextmanager
+def _naming_inputs(pair: str) -> Iterator[None]:
+    """Prefix a :class:`RegistrationError` that names no file with the inputs it is about."""
+    from .errors import RegistrationError
+
+    try:
+        yield
+    except RegistrationError as exc:
+        if exc.path is not None:
+            raise
+        raise RegistrationError(f"{pair}: {exc.problem}", hint=exc.hint) from exc
+
+
 @app.command("register")
 @handle_errors
 def register_cmd(
@@ -364,19 +378,26 @@ def register_cmd(
 
     check_writable(output, force, folder=True)
     if tier not in ("rigid", "deformable"):
-        raise InputError(f"--tier must be rigid or deformable, not {tier!r}")
+        raise ConfigError(f"--tier must be rigid or deformable, not {tier!r}")
     passports = fixed is not None or moving is not None
     points = fixed_points is not None or moving_points is not None
     if passports == points:
         raise InputError("give either --fixed and --moving (passports) or --fixed-points and --moving-points (CSV)")
+    from .register.deformable import METHODS, POINT_METHODS
+
+    allowed = METHODS if passports else POINT_METHODS
+    if method is not None and method not in allowed:
+        raise ConfigError(f"--method must be one of {', '.join(allowed)} for "
+                          f"{'passports' if passports else 'point lists'}, not {method!r}")
     if passports:
         from .register.api import register_passports
 
         if fixed is None or moving is None:
             raise InputError("--fixed and --moving are both needed")
         excl: list[int | str] = [int(e) if e.isdigit() else e for e in (exclude or [])]
-        res = register_passports(fixed, moving, tier, method=method or "demons", weights=_read_weights(weights),
-                                 exclude=excl)
+        with _naming_inputs(f"{fixed} -> {moving}"):
+            res = register_passports(fixed, moving, tier, method=method or "demons", weights=_read_weights(weights),
+                                     exclude=excl)
     else:
         from .register.api import register_points
         from .register.points import read_points_csv
@@ -394,7 +415,8 @@ def register_cmd(
             from .io.nifti import read_image
 
             grid = grid_of(read_image(reference))
-        res = register_points(ft.points, mt.points, tier, method=method or "tps", grid=grid)
+        with _naming_inputs(f"{fixed_points} -> {moving_points}"):
+            res = register_points(ft.points, mt.points, tier, method=method or "tps", grid=grid)
     res.save(output, force=force)
     r = res.summary["rigid"]
     _say(quiet, f"Rigid: rotation {r['rotation_deg']:.3f} deg, translation "
@@ -502,6 +524,12 @@ def validate_registration_cmd(
         res = validate_learn2reg(learn2reg, output, segment=segment_fn, labels_dir=labels_dir, max_pairs=max_pairs,
                                  force=force, progress=say)
         s = res["summary"]
+        failed = [r for r in res["pairs"] if "error" in r]
+        if s["evaluated"] == 0:
+            raise InputError(f"no pair could be evaluated (first: {failed[0]['error']}); see {output / 'report.md'}",
+                             learn2reg)
+        for r in failed:
+            typer.echo(f"ctpassport: warning: {r['fixed']} <- {r['moving']}: {r['error']}", err=True)
         _say(quiet, f"Learn2Reg: {s['evaluated']}/{s['pairs']} pairs, mean TRE identity {s['tre_identity_mm']} mm, "
                     f"rigid {s['rigid']['tre_mean_mm']} mm, deformable {s['deformable']['tre_mean_mm']} mm; "
                     f"wrote {output}")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ctpassport.app import APP_SCRIPT
+from ctpassport.io.atomic import OUTPUT_MARKER
 
 #: Seconds one AppTest run may take (segmenting a one-patch case with stand-in weights takes ~20 s here).
 RUN_TIMEOUT = 600
@@ -310,7 +311,7 @@ def test_phantom_registration_with_known_truth(app_tmp: Path) -> None:
         assert any(t.startswith("Axial 5/") for t in plotly_by_title(at))
         files = sorted(p.name for p in reg.folder.iterdir())
         assert files == sorted(
-            ["displacement.nii.gz", "registration.json", "residuals.csv", "tre.json", "transform.h5"]
+            [OUTPUT_MARKER, "displacement.nii.gz", "registration.json", "residuals.csv", "tre.json", "transform.h5"]
         )
     # the motion is ~10-20 mm; registration brings it close to the truth, deformable better than rigid
     assert results["rigid"]["before"]["mean"] > 5.0

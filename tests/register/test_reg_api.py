@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ctpassport.errors import InputError, OutputExistsError
+from ctpassport.io.atomic import OUTPUT_MARKER
 from ctpassport.io.nifti import Image3D
 from ctpassport.passport.build import build_passport
 from ctpassport.register import load_transform, register_passports, register_points
@@ -47,6 +48,7 @@ def test_save_and_load_round_trip(pair, tmp_path) -> None:
     labels, moving, aff, fp, mp, res = pair
     out = res.save(tmp_path / "reg")
     assert sorted(p.name for p in out.iterdir()) == [
+        OUTPUT_MARKER,
         "displacement.nii.gz",
         "registration.json",
         "transform.h5",
@@ -129,6 +131,11 @@ def test_load_errors(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="transform.h5"):
         load_transform(tmp_path / "empty")
+    f = np.random.default_rng(0).uniform(-50, 50, size=(10, 3))
+    out = register_points(f, f + 1.0, "rigid").save(tmp_path / "reg")
+    (out / "registration.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="registration.json: holds a JSON list, not a registration summary"):
+        load_transform(out)
 
 
 def test_warp_is_independent_of_the_moving_image_orientation(pair) -> None:
@@ -146,3 +153,47 @@ def test_warp_is_independent_of_the_moving_image_orientation(pair) -> None:
     paff[:3, 0], paff[:3, 1] = faff[:3, 1], faff[:3, 0].copy()
     b = res.warp_image(_image(perm, paff), None, labels=True).data
     assert np.mean(a != b) < 1e-3
+
+
+def test_sheared_fixed_grid_gets_an_orthogonal_field_that_itk_reads(pair, tmp_path) -> None:
+    """A gantry-tilted fixed scan (sheared affine): the field goes on an orthogonal grid covering it, which
+    SimpleITK reads to the same transform; warps land on the fixed scan's own (sheared) grid."""
+    labels, moving, aff, fp, mp, _ = pair
+    shear = np.eye(4)
+    shear[2, 1] = np.tan(np.radians(15.0))  # z moves with y, as with a tilted gantry
+    saff = shear @ aff
+    fixed_grid = GridSpec(labels.shape, saff)
+    assert fixed_grid.sheared and not GridSpec(labels.shape, aff).sheared
+    res = register_passports(build_passport(labels, saff), mp, "deformable")
+    assert not res.grid.sheared and res.fixed_grid.same_as(fixed_grid)
+    # the field grid covers every fixed voxel
+    corners = fixed_grid.index_to_world(np.array([[i, j, k] for i in (0, labels.shape[0] - 1)
+                                                  for j in (0, labels.shape[1] - 1)
+                                                  for k in (0, labels.shape[2] - 1)], dtype=float))
+    assert res.grid.contains(corners).all()
+    out = res.save(tmp_path / "reg")
+    back = load_transform(out)
+    assert back.fixed_grid.same_as(fixed_grid) and back.grid.same_as(res.grid)
+    pts = fixed_grid.index_to_world(np.argwhere(labels > 0)[::11].astype(float))
+    want = res.transform_points(pts)
+    field = sitk.DisplacementFieldTransform(sitk.ReadImage(str(out / "displacement.nii.gz"), sitk.sitkVectorFloat64))
+    h5 = sitk.ReadTransform(str(out / "transform.h5"))
+    flip = np.array([-1.0, -1.0, 1.0])
+    for tx in (field, h5):
+        got = np.array([tx.TransformPoint((p * flip).tolist()) for p in pts]) * flip
+        np.testing.assert_allclose(got, want, atol=1e-3)
+    warped = back.warp_image(_image(moving, aff), labels=True)
+    assert warped.data.shape == labels.shape and np.allclose(warped.affine, saff)
+
+
+def test_warp_defaults_to_the_fixed_images_grid_not_the_coarser_field_grid(tmp_path) -> None:
+    fine = GridSpec((90, 80, 70), np.diag([-1.0, -1.0, 1.5, 1.0]) + np.array([[0, 0, 0, 40], [0, 0, 0, 30],
+                                                                              [0, 0, 0, -50], [0, 0, 0, 0]]))
+    f = np.random.default_rng(2).uniform(-30, 30, size=(40, 3)) + fine.index_to_world(np.array([[45, 40, 35]]))
+    res = register_points(f, f + [2.0, -1.0, 0.5], "deformable", grid=fine)
+    assert res.grid.spacing.min() > 2.5  # the field is stored at about 3 mm
+    back = load_transform(res.save(tmp_path / "reg"))
+    assert back.fixed_grid.same_as(fine) and back.grid.same_as(res.grid)
+    img = Image3D(data=np.zeros(fine.shape, np.int16), affine=fine.affine, header=None)  # type: ignore[arg-type]
+    warped = back.warp_image(img, labels=True)
+    assert warped.data.shape == fine.shape and np.allclose(warped.affine, fine.affine)

@@ -171,9 +171,14 @@ def test_register_points_form_lps_round_trip(files) -> None:
             "rows must correspond",
         ),
         (["register", "--fixed-points", "{d}/f.csv", "--moving-points", "{d}/text.csv"], "must be numbers"),
-        (
+        (  # the error names both inputs
             ["register", "--fixed", "{d}/fixed.passport.json", "--moving", "{d}/two.passport.json"],
-            "usable organ",
+            "fixed.passport.json -> {d}/two.passport.json: only",
+        ),
+        (
+            ["register", "--fixed-points", "{d}/f.csv", "--moving-points", "{d}/f.csv", "--tier", "deformable",
+             "--method", "demons"],
+            "--method must be one of tps, bspline, sitk-bspline for point lists",
         ),
         (["warp", "--transform", "{d}/missing"], "give either"),
         (["warp", "--transform", "{d}/missing", "--points", "{d}/f.csv"], "no such transform"),
@@ -189,5 +194,7 @@ def test_bad_inputs_give_one_line_errors_and_no_output(files, args, message) -> 
     r = runner.invoke(app, [a.format(d=d) for a in args] + ["-o", str(out)])
     assert r.exit_code != 0
     text = r.output.strip().splitlines()
-    assert len(text) == 1 and text[0].startswith("ctpassport: error:") and message in text[0], r.output
+    assert len(text) == 1 and text[0].startswith("ctpassport: error:") and message.format(d=d) in text[0], r.output
     assert not out.exists()
+    if message.startswith(("--tier", "--method")):
+        assert r.exit_code == 5  # a bad setting

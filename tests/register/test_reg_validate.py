@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from ctpassport.cli import app
 from ctpassport.errors import InputError
+from ctpassport.io.atomic import OUTPUT_MARKER
+from ctpassport.register.points import read_voxel_csv
 from ctpassport.register.synthetic import random_motion
 from ctpassport.register.transform import GridSpec
 from ctpassport.register.validate import (
@@ -109,6 +111,49 @@ def test_learn2reg_with_a_segmenter_and_via_the_cli(scene, tmp_path) -> None:
     assert json.loads((tmp_path / "cli_out" / "results.json").read_text())["summary"]["evaluated"] == 1
 
 
+def test_learn2reg_pair_specific_keypoint_folders(scene, tmp_path) -> None:
+    """ThoraxCBCT/OncoReg layout: keypoints01Tr holds the keypoints of the _0000/_0001 pair; keypoints02Tr
+    other ones for _0000 (a decoy here): the pair's own folder is used."""
+    labels, aff = scene
+    task = tmp_path / "task"
+    make_learn2reg(task, labels, aff, pairs=1)
+    want = validate_learn2reg(task, tmp_path / "a", labels_dir=task / "labelsTr")["summary"]
+    (task / "keypointsTr").rename(task / "keypoints01Tr")
+    (task / "keypoints02Tr").mkdir()
+    decoy = np.loadtxt(task / "keypoints01Tr" / "TEST_0001_0000.csv", delimiter=",")[::-1] + 7.0
+    np.savetxt(task / "keypoints02Tr" / "TEST_0001_0000.csv", decoy, delimiter=",")
+    res = validate_learn2reg(task, tmp_path / "b", labels_dir=task / "labelsTr")
+    assert res["pairs"][0]["keypoints_folder"] == "keypoints01Tr"
+    assert res["summary"]["tre_identity_mm"] == pytest.approx(want["tre_identity_mm"])
+    assert res["summary"]["deformable"]["tre_mean_mm"] == pytest.approx(want["deformable"]["tre_mean_mm"])
+
+
+def test_learn2reg_one_bad_pair_does_not_stop_the_others(scene, tmp_path) -> None:
+    labels, aff = scene
+    task = tmp_path / "task"
+    make_learn2reg(task, labels, aff, pairs=2)
+    (task / "imagesTr" / "TEST_0002_0001.nii.gz").unlink()
+    res = validate_learn2reg(task, tmp_path / "out", labels_dir=task / "labelsTr")
+    assert res["summary"]["evaluated"] == 1 and "TEST_0002_0001.nii.gz" in res["pairs"][1]["error"]
+    r = CliRunner().invoke(app, ["validate-registration", "--learn2reg", str(task), "--labels-dir",
+                                 str(task / "labelsTr"), "-o", str(tmp_path / "cli"), "-q"])
+    assert r.exit_code == 0 and "warning: TEST_0002_0000.nii.gz <- TEST_0002_0001.nii.gz" in r.stderr
+    # no pair evaluable: a one-line error and a nonzero exit (the report still says why, pair by pair)
+    (task / "imagesTr" / "TEST_0001_0001.nii.gz").unlink()
+    r = CliRunner().invoke(app, ["validate-registration", "--learn2reg", str(task), "--labels-dir",
+                                 str(task / "labelsTr"), "-o", str(tmp_path / "cli2"), "-q"])
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "no pair could be evaluated" in r.stderr and (tmp_path / "cli2" / "report.md").is_file()
+
+
+def test_voxel_csv_header_and_malformed_first_line(tmp_path) -> None:
+    (tmp_path / "h.csv").write_text("x,y,z\n1,2,3\n4,5,6\n")
+    np.testing.assert_array_equal(read_voxel_csv(tmp_path / "h.csv"), [[1, 2, 3], [4, 5, 6]])
+    (tmp_path / "bad.csv").write_text("1,2,oops\n4,5,6\n")
+    with pytest.raises(InputError, match="line 1: expected three numbers"):
+        read_voxel_csv(tmp_path / "bad.csv")
+
+
 def test_learn2reg_bad_folders(tmp_path) -> None:
     with pytest.raises(InputError, match="no such Learn2Reg folder"):
         validate_learn2reg(tmp_path / "none", tmp_path / "o", labels_dir=tmp_path)
@@ -117,6 +162,9 @@ def test_learn2reg_bad_folders(tmp_path) -> None:
         validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
     (tmp_path / "task" / "X_dataset.json").write_text("{}")
     with pytest.raises(InputError, match="lists no image pairs"):
+        validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
+    (tmp_path / "task" / "Y_dataset.json").write_text("{}")
+    with pytest.raises(InputError, match="2 task descriptions.*ambiguous"):
         validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
     assert not (tmp_path / "o").exists()
 
@@ -137,7 +185,7 @@ def test_suite_writes_report_results_and_pictures(scene, tmp_path) -> None:
     )
     res = run_suite(tmp_path / "seg.nii.gz", tmp_path / "report", options=opts)
     names = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert names == ["overlay_amplitude4.png", "report.md", "results.json"]
+    assert names == [OUTPUT_MARKER, "overlay_amplitude4.png", "report.md", "results.json"]
     assert res["self_registration"]["deformable"]["tre"]["max"] < 1e-3
     s = res["summary"]["amplitude_4"]
     assert s["deformable:demons"]["tre_mean_mm"] < s["rigid"]["tre_mean_mm"] < s["rigid"]["tre_identity_mm"]

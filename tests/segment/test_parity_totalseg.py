@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from ctpassport.io.atomic import OUTPUT_MARKER
 from ctpassport.io.labels import read_label_table
 from ctpassport.io.nifti import read_image
 from ctpassport.io.orientation import axcodes
@@ -125,6 +126,6 @@ def test_per_class_folder_names(segmenter, ct_dir: Path, tmp_path: Path) -> None
     out = tmp_path / "masks"
     result = segmenter.segment_file(ct_dir / "example_ct_sm.nii.gz", out, ml=False)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"{v}.nii.gz" for v in class_map["total"].values())
+    assert names == sorted([OUTPUT_MARKER, *(f"{v}.nii.gz" for v in class_map["total"].values())])
     liver = nib.load(str(out / "liver.nii.gz"))
     np.testing.assert_array_equal(np.asanyarray(liver.dataobj), (result.labels == 5).astype(np.uint8))

@@ -16,7 +16,8 @@ Algorithm (one pass over the volume, then work proportional to each organ's boun
    the organ (another label or background). **The image border is not a surface**: an organ cut by the
    field of view has no surface on the cut (those organs are flagged ``truncated``).
 4. Boundary points: a deterministic, stratified sample of the surface voxels' centres, for all organs in
-   one vectorised pass (see :func:`sample_surfaces`).
+   one vectorised pass (see :func:`sample_surfaces`), done along the grid's nearest RAS+ axes: the same
+   label map stored another way (LPS, permuted axes) gives the same world points.
 
 Definitions used in the passport:
 
@@ -125,6 +126,31 @@ def _spread(x: np.ndarray, shift: int, big: bool) -> np.ndarray:
     if not big:
         return np.take(_spread_table(shift), x)
     return np.take(_spread_table(shift), x & 2047) | np.take(_spread_table(shift + 33), x >> 11)
+
+
+def _canonical_boxes(coords: list[np.ndarray], spacing: tuple[float, ...], affine: np.ndarray,
+                     extents: list[list[int]], sizes: list[int]
+                     ) -> tuple[list[np.ndarray], tuple[float, ...], list[tuple[int, int, int]]]:
+    """Box coordinates along the original array axes -> along the grid's nearest RAS+ axes (axes permuted,
+    flipped ones counted from the box's far side), with spacing and box extents to match.
+
+    :func:`sample_surfaces` then sees the same voxel sets however the label map is stored (RAS, LPS, axes
+    permuted...), so the same seed picks the same world points for any storage of one grid.
+    """
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)  # original axis a -> (RAS axis, +1/-1)
+    ext = np.asarray(extents, dtype=np.int64).reshape(-1, 3)
+    out: list[np.ndarray] = [np.empty(0, dtype=np.intp)] * 3
+    sp = [0.0, 0.0, 0.0]
+    ex = np.zeros_like(ext)
+    for a in range(3):
+        b = int(ornt[a, 0])
+        c = coords[a]
+        if ornt[a, 1] < 0:
+            c = np.repeat(ext[:, a] - 1, sizes).astype(c.dtype, copy=False) - c
+        out[b], sp[b], ex[:, b] = c, float(spacing[a]), ext[:, a]
+    return out, tuple(sp), [(int(e[0]), int(e[1]), int(e[2])) for e in ex]
 
 
 def sample_surfaces(coords: list[np.ndarray], sizes: list[int] | np.ndarray, spacing: np.ndarray | tuple[float, ...],
@@ -464,7 +490,7 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, *, ct: np.ndarray | N
     ``affine``: its voxel -> RAS+ world (mm) matrix (any orientation, oblique allowed); ``ct``: optional HU
     volume on the same grid (gives ``hu_mean`` / ``hu_std``); ``points``: boundary points per organ (at most;
     fewer when the organ has fewer surface voxels); ``seed``: the sampling seed (same inputs and seed give
-    the same points); ``grid_kind``: ``output`` (the label map's own grid) or ``model`` (the 3 mm model grid).
+    the same points, whatever the array's storage order); ``grid_kind``: ``output`` (the label map's own grid) or ``model`` (the 3 mm model grid).
     ``timings`` (seconds) are copied into the passport, with ``passport_build`` added. ``normals``: also store
     the outward unit normal at every boundary point (:func:`surface_normals`; 84 ms instead of 55 ms for the
     3 mm full torso's 50 000 points, and half as much JSON again; registration is more accurate with them), else ``boundary_normals`` is null.
@@ -546,10 +572,11 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, *, ct: np.ndarray | N
     if k and points > 0:  # boundary points: one stratified sampling pass for all organs
         n_surf = [len(g.surface[0]) for g in geoms]
         cat = [np.concatenate([g.surface[a] for g in geoms]) for a in range(3)]  # working axes, box coords
-        rows, counts = sample_surfaces([cat[a] for a in inv_axes], n_surf, spacing_o, points,
-                                       [_seed_key(seed, g.label) for g in geoms],
-                                       [(g.box_shape[inv_axes[0]], g.box_shape[inv_axes[1]],
-                                         g.box_shape[inv_axes[2]]) for g in geoms])
+        coords_c, spacing_c, extents_c = _canonical_boxes([cat[a] for a in inv_axes], spacing_o, aff,
+                                                          [[g.box_shape[a] for a in inv_axes] for g in geoms],
+                                                          n_surf)
+        rows, counts = sample_surfaces(coords_c, n_surf, spacing_c, points,
+                                       [_seed_key(seed, g.label) for g in geoms], extents_c)
         all_vox = np.stack([cat[a][rows] + np.repeat([g.bbox_lo[a] for g in geoms], counts) for a in range(3)],
                            axis=1)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()

@@ -59,7 +59,8 @@ CONVENTION: dict[str, str] = {
     TRANSFORM_FILE: "ITK composite transform [AffineTransform (rigid), DisplacementFieldTransform (u)] in ITK's "
     "LPS frame (x_lps = diag(-1,-1,1) x_ras); ITK applies the stack last-first, i.e. u then the "
     "rigid; read with SimpleITK.ReadTransform or antsApplyTransforms -t transform.h5",
-    FIELD_FILE: "the whole transform as one displacement field D = T(x) - x on the fixed grid: 5-D NIfTI "
+    FIELD_FILE: "the whole transform as one displacement field D = T(x) - x on the fixed grid (coarsened to "
+    "about 3 mm where finer; the nearest orthogonal grid covering it where the fixed grid is sheared): 5-D NIfTI "
     "(nx, ny, nz, 1, 3), float32, intent 1007 (vector), components in LPS mm (ITK/ANTs convention; "
     "negate the first two for RAS)",
     "points_csv": "header line x,y,z (extra columns kept), world mm, RAS+ unless --lps",
@@ -87,8 +88,9 @@ def _r(x: Any, nd: int = 6) -> Any:
 class RegistrationResult:
     """A fitted registration: :attr:`transform` (fixed -> moving, RAS+ mm) and its summary.
 
-    ``grid``: the fixed-space grid (voxel -> RAS+ mm) the displacement field is written on and images are
-    warped onto by default. ``summary``: the JSON-ready report (``registration.json``).
+    ``grid``: the fixed-space grid (voxel -> RAS+ mm) the displacement field is written on (the fixed grid,
+    downsampled to about 3 mm where finer). ``fixed_grid``: the fixed image's own grid, which images are
+    warped onto by default (``grid`` when unknown). ``summary``: the JSON-ready report (``registration.json``).
     """
 
     transform: Transform
@@ -97,6 +99,7 @@ class RegistrationResult:
     summary: dict[str, Any] = field(default_factory=dict)
     rigid_fit: RigidFit | None = None
     deformable_fit: DeformableFit | None = None
+    fixed_grid: GridSpec | None = None
 
     @property
     def rotation(self) -> np.ndarray:
@@ -119,12 +122,12 @@ class RegistrationResult:
         labels: bool = False,
         fill: float | None = None,
     ) -> Image3D:
-        """Resample ``moving_img`` into the fixed space on ``reference_img``'s grid (default: the fixed grid).
+        """Resample ``moving_img`` into the fixed space on ``reference_img``'s grid (default: the fixed image's).
 
         Linear interpolation for images (float32 out), nearest neighbour for ``labels`` (input dtype, no new
         label values; 0 outside the moving image). See :mod:`ctpassport.register.warp`.
         """
-        ref = reference_img if reference_img is not None else self.grid
+        ref = reference_img if reference_img is not None else (self.fixed_grid or self.grid)
         if ref is None:
             raise InputError("no reference grid: pass reference_img (the fixed image)")
         return _warp_image(self.transform, moving_img, ref, labels=labels, fill=fill)
@@ -158,7 +161,9 @@ class RegistrationResult:
         return out
 
 
-def _summary_base(tier: str, method: str | None, grid: GridSpec | None) -> dict[str, Any]:
+def _summary_base(tier: str, method: str | None, grid: GridSpec | None,
+                  fixed_grid: GridSpec | None = None) -> dict[str, Any]:
+    fixed = fixed_grid or grid
     return {
         "kind": "ctpassport-registration",
         "ctpassport_version": __version__,
@@ -166,7 +171,9 @@ def _summary_base(tier: str, method: str | None, grid: GridSpec | None) -> dict[
         "tier": tier,
         "method": method,
         "convention": CONVENTION,
-        "fixed_grid": grid.to_dict() if grid is not None else None,
+        # the fixed image's grid (warps land on it) and the displacement field's (the former, coarsened to ~3 mm)
+        "fixed_grid": fixed.to_dict() if fixed is not None else None,
+        "field_grid": grid.to_dict() if grid is not None else None,
     }
 
 
@@ -195,7 +202,11 @@ def _as_passport(p: Passport | str | Path) -> Passport:
 
 def field_grid_for(fixed_grid: GridSpec, max_spacing_mm: float = 3.0) -> GridSpec:
     """The grid the displacement field is stored on: the fixed grid, downsampled (integer stride) where its
-    voxels are finer than ``max_spacing_mm`` (a 0.8 mm CT would otherwise need a field of several GB)."""
+    voxels are finer than ``max_spacing_mm`` (a 0.8 mm CT would otherwise need a field of several GB).
+    A sheared fixed grid (gantry tilt), which ITK images cannot hold, gets the nearest orthogonal grid
+    covering it instead (:meth:`GridSpec.orthogonal_cover`)."""
+    if fixed_grid.sheared:
+        return fixed_grid.orthogonal_cover(max_spacing_mm)
     if float(np.min(fixed_grid.spacing)) >= max_spacing_mm * 0.75:
         return fixed_grid
     return CoarseGrid.of(fixed_grid, max_spacing_mm).grid
@@ -244,7 +255,7 @@ def register_passports(
     t_rigid = time.perf_counter() - t0
     fgrid = passport_grid(fp)
     grid = field_grid_for(fgrid, field_spacing_mm)
-    summary = _summary_base(tier, "centroids+axes" if tier == "rigid" else method, grid)
+    summary = _summary_base(tier, "centroids+axes" if tier == "rigid" else method, grid, fgrid)
     summary["fixed"] = {
         "path": fp.source.path,
         "sha256": fp.source.sha256,
@@ -296,7 +307,7 @@ def register_passports(
         }
     timings["total"] = time.perf_counter() - t0
     summary["timings_s"] = _r(timings, 6)
-    return RegistrationResult(transform, tier, grid, summary, rfit, dfit)
+    return RegistrationResult(transform, tier, grid, summary, rfit, dfit, fgrid)
 
 
 def register_points(
@@ -325,7 +336,7 @@ def register_points(
     rfit = fit_rigid_points(f, m, names=names)
     t_rigid = time.perf_counter() - t0
     g = field_grid_for(grid) if grid is not None else bounding_grid(f)
-    summary = _summary_base(tier, "kabsch" if tier == "rigid" else method, g)
+    summary = _summary_base(tier, "kabsch" if tier == "rigid" else method, g, grid)
     summary["points"] = len(f)
     summary["rigid"] = _rigid_summary(rfit)
     timings = {"rigid": t_rigid}
@@ -349,7 +360,7 @@ def register_points(
         }
     timings["total"] = time.perf_counter() - t0
     summary["timings_s"] = _r(timings, 6)
-    return RegistrationResult(transform, tier, g, summary, rfit, dfit)
+    return RegistrationResult(transform, tier, g, summary, rfit, dfit, grid or g)
 
 
 def load_transform(path: str | Path) -> RegistrationResult:
@@ -370,22 +381,26 @@ def load_transform(path: str | Path) -> RegistrationResult:
                 summary = json.loads(js.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise InputError("not valid JSON", js) from None
+            if not isinstance(summary, dict):
+                raise InputError(f"holds a JSON {type(summary).__name__}, not a registration summary object", js)
         transform = read_itk_transform(h5)
     elif p.is_file():
         summary = {}
         transform = read_itk_transform(p)
     else:
         raise InputError("no such transform folder or file", p)
-    grid = None
-    if summary.get("fixed_grid"):
-        try:
-            grid = GridSpec.from_dict(summary["fixed_grid"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError("registration.json has a malformed fixed_grid", p) from None
-    elif transform.field is not None:
+    grids: dict[str, GridSpec] = {}
+    for key in ("fixed_grid", "field_grid"):  # summaries before field_grid: fixed_grid was the field's grid
+        if summary.get(key):
+            try:
+                grids[key] = GridSpec.from_dict(summary[key])
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise InputError(f"registration.json has a malformed {key}", p) from None
+    grid = grids.get("field_grid") or grids.get("fixed_grid")
+    if grid is None and transform.field is not None:
         grid = transform.field.grid
     tier = summary.get("tier") or ("deformable" if transform.field is not None else "rigid")
-    return RegistrationResult(transform, tier, grid, summary)
+    return RegistrationResult(transform, tier, grid, summary, fixed_grid=grids.get("fixed_grid", grid))
 
 
 def rigid_from_matrix(matrix: Any) -> RigidTransform:

@@ -48,7 +48,7 @@ def grid_direction_lps(grid: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """
     sp = grid.spacing
     axes = grid.affine[:3, :3] / sp
-    if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-4):
+    if grid.sheared:
         raise InputError(
             "the fixed grid has a sheared (non-orthogonal) affine, which ITK transforms cannot represent"
         )

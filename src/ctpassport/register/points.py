@@ -98,9 +98,18 @@ def write_points_csv(path: str | Path, table: PointTable, *, lps: bool = False) 
     return write_text_atomic(path, format_points_csv(table, lps=lps))
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def read_voxel_csv(path: str | Path) -> np.ndarray:
     """Learn2Reg keypoints/landmarks: comma-separated voxel indices ``i, j, k`` (nibabel array order), one
-    point per line, no header (a header line, if any, is skipped). Returns float64 ``(N, 3)``."""
+    point per line, no header (a first line without any number, e.g. ``x,y,z``, is skipped as a header; a
+    first line with some numbers is a malformed point and an error). Returns float64 ``(N, 3)``."""
     p = Path(path)
     if not p.is_file():
         raise InputError("no such keypoint file", p)
@@ -114,7 +123,7 @@ def read_voxel_csv(path: str | Path) -> np.ndarray:
         try:
             vals.append([float(c) for c in r[:3]])
         except ValueError:
-            if i == 0:
+            if i == 0 and not any(_is_number(c) for c in r[:3]):
                 continue  # a header line
             raise InputError(f"line {i + 1}: expected three numbers (voxel indices)", p) from None
         if len(r) < 3:

@@ -131,6 +131,33 @@ class GridSpec:
     def n_voxels(self) -> int:
         return int(np.prod(self.shape))
 
+    @property
+    def sheared(self) -> bool:
+        """True when the voxel axes are not orthogonal (e.g. a gantry-tilted CT): ITK images cannot hold it."""
+        axes = self.affine[:3, :3] / self.spacing
+        return not bool(np.allclose(axes.T @ axes, np.eye(3), atol=1e-4))
+
+    def orthogonal_cover(self, max_spacing_mm: float | None = None) -> GridSpec:
+        """An orthogonal grid covering this one: the voxel axes turned to the nearest orthonormal frame
+        (polar decomposition; a left-handed grid stays left-handed), spacing per axis this grid's (at most
+        ``max_spacing_mm``), extent covering every voxel of this grid. This grid itself when not sheared
+        and no coarsening is asked for."""
+        if not self.sheared and max_spacing_mm is None:
+            return self
+        u, _, vt = np.linalg.svd(self.affine[:3, :3] / self.spacing)
+        rot = u @ vt
+        sp = self.spacing if max_spacing_mm is None else np.minimum(self.spacing, max_spacing_mm)
+        n = np.asarray(self.shape, dtype=np.float64)
+        corners = np.array([[a, b, c] for a in (-0.5, n[0] - 0.5) for b in (-0.5, n[1] - 0.5)
+                            for c in (-0.5, n[2] - 0.5)])
+        local = (self.index_to_world(corners) - self.affine[:3, 3]) @ rot  # coordinates along the new axes
+        lo, hi = local.min(axis=0) + sp / 2, local.max(axis=0) - sp / 2
+        shape = tuple(int(v) for v in np.maximum(np.ceil((hi - lo) / sp - 1e-9), 0) + 1)
+        aff = np.eye(4)
+        aff[:3, :3] = rot * sp
+        aff[:3, 3] = self.affine[:3, 3] + rot @ lo
+        return GridSpec(shape, aff)  # type: ignore[arg-type]
+
     def same_as(self, other: GridSpec, tol: float = 1e-6) -> bool:
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=tol))
 

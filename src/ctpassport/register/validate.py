@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, RegistrationError
+from ..errors import CTPassportError, InputError, RegistrationError
 from ..io.atomic import atomic_path, check_writable
 from ..io.nifti import Image3D, read_image
 from ..passport.schema import Passport
@@ -880,9 +880,13 @@ def render_report(r: dict[str, Any]) -> str:
 # Learn2Reg layout
 # ------------------------------------------------------------------------------------------------
 def find_dataset_json(folder: Path) -> Path:
+    """The task's ``*_dataset.json`` (or ``dataset.json``); an error when there is none or several."""
     cands = sorted(folder.glob("*_dataset.json")) + sorted(folder.glob("dataset.json"))
     if not cands:
         raise InputError("no *_dataset.json (Learn2Reg task description) in the folder", folder)
+    if len(cands) > 1:
+        raise InputError(f"holds {len(cands)} task descriptions ({', '.join(c.name for c in cands)}); "
+                         "which pairs to use is ambiguous", folder, "keep one task's dataset JSON per folder")
     return cands[0]
 
 
@@ -913,11 +917,30 @@ def _stem(p: Path) -> str:
     return n[:-7] if n.endswith(".nii.gz") else p.stem
 
 
-def find_keypoints(folder: Path, image: Path) -> Path | None:
-    for sub in ("keypointsTr", "landmarksTr", "keypointsTs", "landmarksTs", "keypointsVal", "landmarksVal"):
-        c = folder / sub / f"{_stem(image)}.csv"
-        if c.is_file():
-            return c
+def _modality(image: Path) -> str | None:
+    """Learn2Reg's modality/time point suffix: ``0001`` of ``ThoraxCBCT_0003_0001.nii.gz``."""
+    tail = _stem(image).rsplit("_", 1)
+    return tail[1] if len(tail) == 2 and tail[1].isdigit() else None
+
+
+def find_keypoints(folder: Path, fixed: Path, moving: Path) -> tuple[Path, Path] | None:
+    """The fixed and moving keypoint/landmark CSVs of a pair, from the same sub-folder.
+
+    Tasks whose keypoints depend on the pair (ThoraxCBCT/OncoReg: ``keypoints01Tr`` for the scans ``_0000``
+    and ``_0001``, ``keypoints02Tr`` for ``_0000`` and ``_0002``; ``landmarks01Tr``...) are looked up by the
+    two images' suffixes first (as Learn2Reg's evaluation does), then the shared ``keypointsTr``,
+    ``landmarksTr`` (and ``Ts``/``Val``) folders.
+    """
+    subs = []
+    mf, mm = _modality(fixed), _modality(moving)
+    if mf is not None and mm is not None and mf != mm:
+        pair = "".join(str(v) for v in sorted((int(mf), int(mm))))
+        subs += [f"{kind}{pair}{split}" for split in ("Tr", "Ts", "Val") for kind in ("keypoints", "landmarks")]
+    subs += [f"{kind}{split}" for split in ("Tr", "Ts", "Val") for kind in ("keypoints", "landmarks")]
+    for sub in subs:
+        cf, cm = folder / sub / f"{_stem(fixed)}.csv", folder / sub / f"{_stem(moving)}.csv"
+        if cf.is_file() and cm.is_file():
+            return cf, cm
     return None
 
 
@@ -978,15 +1001,21 @@ def validate_learn2reg(
     rows = []
     for n, (fpath, mpath) in enumerate(pairs):
         say(f"pair {n + 1}/{len(pairs)}: {fpath.name} <- {mpath.name}")
-        kf, km = find_keypoints(root, fpath), find_keypoints(root, mpath)
+        found = find_keypoints(root, fpath, mpath)
         row: dict[str, Any] = {"fixed": fpath.name, "moving": mpath.name}
-        if kf is None or km is None:
-            row["error"] = "no keypoints/landmarks CSV for " + (fpath.name if kf is None else mpath.name)
+        if found is None:
+            row["error"] = f"no keypoints/landmarks CSVs for both {fpath.name} and {mpath.name} in one folder"
             rows.append(row)
             continue
-        fimg, fpp, fseg, fpp_t = prepare(fpath)
-        mimg, mpp, mseg, mpp_t = prepare(mpath)
-        vf, vm = read_voxel_csv(kf), read_voxel_csv(km)
+        try:  # one unreadable image, label map or keypoint file fails its pair, not the whole run
+            fimg, fpp, fseg, fpp_t = prepare(fpath)
+            mimg, mpp, mseg, mpp_t = prepare(mpath)
+            vf, vm = read_voxel_csv(found[0]), read_voxel_csv(found[1])
+        except CTPassportError as exc:
+            row["error"] = str(exc)
+            rows.append(row)
+            continue
+        row["keypoints_folder"] = found[0].parent.name
         if len(vf) != len(vm):
             row["error"] = f"{len(vf)} fixed but {len(vm)} moving keypoints"
             rows.append(row)
