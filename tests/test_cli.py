@@ -30,6 +30,14 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Pat
     return path
 
 
+def _save_unoriented(path: Path, data: np.ndarray) -> Path:
+    img = nib.Nifti1Image(data, None)
+    img.header["sform_code"] = img.header["qform_code"] = 0
+    img.header["pixdim"][1:4] = 0.0
+    nib.save(img, str(path))
+    return path
+
+
 def test_version() -> None:
     res = runner.invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.strip() == f"ctpassport {__version__}"
@@ -57,6 +65,8 @@ BAD_INPUTS = {
     "nan": (lambda p: _save(p, np.full((8, 8, 8), np.nan, np.float32)), "NaN"),
     "zero_spacing": (lambda p: _save(p, np.zeros((8, 8, 8), np.int16), np.diag([0.0, 3, 3, 1])), "spacing"),
     "huge_spacing": (lambda p: _save(p, np.zeros((8, 8, 8), np.int16), np.diag([1e6, 3, 3, 1])), "spacing"),
+    # no sform/qform and pixdim 0: nibabel would make it 1 mm (and log to stderr)
+    "pixdim_zero": (lambda p: _save_unoriented(p, np.zeros((8, 8, 8), np.int16)), "spacing is unknown"),
     # 1 mm thick: no voxel of the model's 3 mm grid fits
     "thin_slab": (lambda p: _save(p, np.zeros((8, 8, 1), np.int16), np.diag([3.0, 3, 1, 1])), "too thin"),
 }
@@ -77,6 +87,23 @@ def test_bad_input_one_line_error_and_no_output(case: str, tmp_path: Path) -> No
     assert "Traceback" not in res.output
     assert not out.exists()
     assert not (out.parent.exists() and any(out.parent.iterdir()))
+
+
+@pytest.mark.parametrize("extra,code,message", [
+    (["--passport-grid", "fine", "--ml"], 5, "--passport-grid must be model or output"),
+    (["--output-type", "dicom"], 5, "--output-type must be nifti or dicom_seg"),
+    (["--ml", "-o", "seg.nrrd"], 2, "must end with .nii or .nii.gz"),
+])
+def test_settings_and_output_names_are_checked_before_any_work(tmp_path: Path, extra: list[str], code: int,
+                                                               message: str) -> None:
+    """A mistake that would only fail at the end (after inference) fails at once, before the input is read."""
+    args = ["segment", "-i", str(tmp_path / "not_read_yet.nii.gz"), "-o", str(tmp_path / "seg.nii.gz"), "-q"]
+    if "-o" in extra:
+        args[4] = str(tmp_path / extra[extra.index("-o") + 1])
+        extra = [e for i, e in enumerate(extra) if e != "-o" and (i == 0 or extra[i - 1] != "-o")]
+    res = runner.invoke(app, [*args, *extra])
+    assert res.exit_code == code and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_roi_name(tmp_path: Path, ct_dir: Path) -> None:

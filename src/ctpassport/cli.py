@@ -126,10 +126,18 @@ def segment_cmd(
 ) -> None:
     """Segment a CT with TotalSegmentator's fast model (same labels as `TotalSegmentator --fast`)."""
     from .config import Config
+    from .errors import InputError
     from .io.atomic import check_writable
     from .segment.pipeline import Segmenter, Timings, classes_for, load_input
 
     cfg = Config.from_env()
+    # settings and output names first: nothing slow runs before a mistake that would fail at the end
+    if output_type not in ("nifti", "dicom_seg"):
+        raise ConfigError(f"--output-type must be nifti or dicom_seg, not {output_type!r}")
+    if passport_grid not in ("model", "output"):
+        raise ConfigError(f"--passport-grid must be model or output, not {passport_grid!r}")
+    if ml and output_type == "nifti" and not output.name.endswith((".nii", ".nii.gz")):
+        raise InputError("--ml writes one NIfTI file: its name must end with .nii or .nii.gz", output)
     check_writable(output, force, folder=not ml and output_type != "dicom_seg")
     if passport is not None:
         check_writable(passport, force)
@@ -141,8 +149,6 @@ def segment_cmd(
         check_writable(statistics_path(output, ml=ml or output_type == "dicom_seg"), force)
     classes_for(roi_subset)  # fail early on unknown names
     tm = Timings()
-    if output_type not in ("nifti", "dicom_seg"):
-        raise CTPassportError(f"--output-type must be nifti or dicom_seg, not {output_type!r}")
     image = load_input(input, tm, series_uid=series_uid)  # validate the input before the (slow) model load
     if output_type == "dicom_seg":
         from .io.dicom import DicomImage3D

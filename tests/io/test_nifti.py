@@ -129,6 +129,29 @@ def test_make_nifti_copies_header_geometry(tmp_path: Path) -> None:
     assert slope is None and inter is None
 
 
+def test_make_nifti_keeps_a_qform_that_differs_from_the_sform(tmp_path: Path) -> None:
+    """An output on the input's grid keeps the input's qform and sform as they are (nibabel/TotalSegmentator)."""
+    sform = np.diag([-1.5, -1.5, 3.0, 1.0])
+    sform[:3, 3] = [100.0, 120.0, -50.0]
+    qform = sform.copy()
+    qform[:3, 3] += [0.7, 0.0, 0.0]
+    src = nib.Nifti1Image(np.zeros((3, 4, 5), np.int16), None)
+    src.set_sform(sform, code=2)
+    src.set_qform(qform, code=1)
+    path = tmp_path / "in.nii.gz"
+    nib.save(src, str(path))
+    img = read_image(path)
+    out = make_nifti(np.ones((3, 4, 5), np.uint8), img.affine, img.header, dtype=np.uint8)
+    np.testing.assert_allclose(out.header.get_qform(), qform, atol=1e-4)
+    np.testing.assert_allclose(out.header.get_sform(), sform, atol=1e-6)
+    assert int(out.header["sform_code"]) == 2 and int(out.header["qform_code"]) == 1
+    moved = sform.copy()
+    moved[:3, 3] += 10.0  # another grid: both forms follow the new affine
+    out = make_nifti(np.ones((3, 4, 5), np.uint8), moved, img.header, dtype=np.uint8)
+    np.testing.assert_allclose(out.header.get_qform(), moved, atol=1e-4)
+    np.testing.assert_allclose(out.header.get_sform(), moved, atol=1e-6)
+
+
 def test_label_table_round_trip(tmp_path: Path) -> None:
     img = make_nifti(np.zeros((2, 2, 2), np.uint8), np.eye(4))
     add_label_table(img, TOTAL_CLASSES)

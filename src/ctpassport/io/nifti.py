@@ -7,8 +7,12 @@ maps voxel indices to RAS+ world millimetres.
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +70,19 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
+@contextmanager
+def _nibabel_logs_off() -> Iterator[None]:
+    """Silence nibabel's header-check log lines (printed to stderr even under ``-q``); problems that matter
+    are turned into :class:`InputError` by the checks after reading."""
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_nifti(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     """Read a NIfTI-1/2 file (``.nii`` or ``.nii.gz``) fully into memory.
 
@@ -81,13 +98,21 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     if klass is None:
         raise InputError("not a NIfTI image (no NIfTI-1/2 header magic)", p)
     try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            # nibabel warns about odd headers; the checks below turn real problems into errors.
+        with warnings.catch_warnings(), np.errstate(all="ignore"), _nibabel_logs_off():
+            # nibabel warns (and logs) about odd headers; the checks below turn real problems into errors.
             warnings.simplefilter("ignore")
             img = klass.from_bytes(raw)
             _ = img.affine
+            as_stored = klass.header_class.from_fileobj(io.BytesIO(raw), check=False)  # before nibabel's fixes
     except (ImageFileError, HeaderDataError, ValueError, EOFError, OSError) as exc:
         raise InputError(f"not a readable NIfTI image ({str(exc).splitlines()[0][:120]})", p) from None
+    if int(as_stored["sform_code"]) == 0 and int(as_stored["qform_code"]) == 0:
+        # No sform/qform: the voxel size comes from pixdim alone, and nibabel silently turns a 0 into 1 mm.
+        ndim = max(1, min(3, int(as_stored["dim"][0])))
+        pixdim = np.asarray(as_stored["pixdim"][1:1 + ndim], dtype=np.float64)
+        if not np.all(np.isfinite(pixdim) & (pixdim != 0)):
+            raise InputError(f"has no sform or qform and voxel sizes {tuple(pixdim.tolist())} in pixdim: its "
+                             "spacing is unknown", p, "write the voxel size (mm) into the header")
     return img
 
 
@@ -172,7 +197,9 @@ def make_nifti(data: np.ndarray, affine: Affine, header: nib.Nifti1Header | None
     """Build a NIfTI-1 image with ``affine`` (voxel -> RAS+ mm) and optionally a copy of ``header``.
 
     With a header (e.g. the input's), its geometry codes, units and description are kept, the data type
-    is set to ``dtype`` (default: the array's) and any intensity scaling is removed.
+    is set to ``dtype`` (default: the array's) and any intensity scaling is removed. When ``affine`` is the
+    header's own (an output on the input's grid), its sform and qform are kept as they are, as nibabel and
+    TotalSegmentator keep them (a qform that differs from the sform survives); else both are set to ``affine``.
     """
     hdr = header.copy() if header is not None else None
     if hdr is not None:
@@ -185,8 +212,10 @@ def make_nifti(data: np.ndarray, affine: Affine, header: nib.Nifti1Header | None
     if header is not None:
         sform_code = int(header["sform_code"])
         qform_code = int(header["qform_code"])
-        img.set_sform(affine, code=sform_code if sform_code > 0 else 1)
-        img.set_qform(affine, code=qform_code if qform_code > 0 else 1)
+        coded = sform_code > 0 or qform_code > 0
+        if not (coded and np.allclose(header.get_best_affine(), affine, rtol=0, atol=1e-5)):
+            img.set_sform(affine, code=sform_code if sform_code > 0 else 1)
+            img.set_qform(affine, code=qform_code if qform_code > 0 else 1)
     return img
 
 
