@@ -106,6 +106,18 @@ def test_settings_and_output_names_are_checked_before_any_work(tmp_path: Path, e
     assert list(tmp_path.iterdir()) == []
 
 
+def test_nifti2_input_gives_a_quiet_nifti1_output_on_its_grid(tmp_path: Path, ct_dir: Path) -> None:
+    src = nib.load(str(ct_dir / "example_ct_sm.nii.gz"))
+    inp = tmp_path / "ct_nifti2.nii.gz"
+    nib.save(nib.Nifti2Image(np.asanyarray(src.dataobj), src.affine), str(inp))
+    out = tmp_path / "seg.nii.gz"
+    res = runner.invoke(app, ["segment", "-i", str(inp), "-o", str(out), "--ml", "--model", "demo", "-q"])
+    assert res.exit_code == 0 and res.output == "", res.output
+    img = nib.load(str(out))
+    assert type(img) is nib.Nifti1Image and img.shape == src.shape
+    np.testing.assert_allclose(img.affine, src.affine, atol=1e-5)
+
+
 def test_unknown_roi_name(tmp_path: Path, ct_dir: Path) -> None:
     res = runner.invoke(app, ["segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o", str(tmp_path / "s.nii.gz"),
                               "--ml", "--roi_subset", "liver", "--roi_subset", "unicorn"])

@@ -255,3 +255,17 @@ def test_registry_points_at_the_public_archives() -> None:
     assert DATASETS["msd-spleen"].md5 == "410d4a301da4e5b2f6f86ec3ddba524e"
     assert DATASETS["learn2reg-lungct"].url.startswith("https://zenodo.org/records/3835682/")
     assert DATASETS["learn2reg-lungct"].md5 is None and DATASETS["learn2reg-lungct"].sha256 is None
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["bogus", "--dest", "{d}/fd"], 2, "unknown dataset 'bogus'"),
+    (["msd-spleen", "--dest", "{d}/a_file"], 4, "is a file, but --dest must be a folder"),
+    (["msd-spleen", "--dest", "{d}/fd", "--url", "notaurl"], 5, "--url must be"),
+    (["msd-spleen", "--dest", "{d}/fd", "--sha256", "nothex"], 5, "--sha256 must be 64 hexadecimal digits"),
+    (["msd-spleen", "--dest", "{d}/fd", "--md5", "abc"], 5, "--md5 must be 32 hexadecimal digits"),
+])
+def test_arguments_checked_before_any_download(tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    (tmp_path / "a_file").write_text("x")
+    res = CliRunner().invoke(app, ["fetch-data", *[a.format(d=tmp_path) for a in args]])
+    assert res.exit_code == code and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.output
+    assert not (tmp_path / "fd").exists()

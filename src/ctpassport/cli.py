@@ -56,6 +56,15 @@ def handle_errors(func: F) -> F:
         except MemoryError:
             _err("out of memory")
             raise typer.Exit(75) from None
+        except BrokenPipeError:  # `ctpassport store list | head`: the reader left; not an error of ours
+            import os
+            import sys
+
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            except (OSError, ValueError, AttributeError):  # stdout is not a file (e.g. captured)
+                pass
+            raise typer.Exit(141) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:
@@ -154,7 +163,7 @@ def segment_cmd(
         from .io.dicom import DicomImage3D
 
         if not isinstance(image, DicomImage3D):
-            raise CTPassportError("--output-type dicom_seg needs DICOM input (a DICOM folder or zip)", input)
+            raise InputError("--output-type dicom_seg needs DICOM input (a DICOM folder or zip)", input)
     chosen = backend or ("cuda" if device.startswith(("gpu", "cuda")) else None)
     _say(quiet, "Loading model...")
     seg = Segmenter(model, backend=chosen, threads=nr_thr or None, config=cfg)
@@ -202,7 +211,7 @@ def model_standin_cmd(
     from .model.standin import make_standin
 
     if plans_format not in ("flat", "architecture"):
-        raise CTPassportError(f"--plans-format must be flat or architecture, not {plans_format!r}")
+        raise ConfigError(f"--plans-format must be flat or architecture, not {plans_format!r}")
     folder = make_standin(output, seed=seed, force=force, plans_format=plans_format)  # type: ignore[arg-type]
     _say(quiet, f"Wrote stand-in weights to {folder}")
     _say(quiet, f"Use them with: TOTALSEG_HOME_DIR={output} (TotalSegmentator) or --model {output}")
@@ -218,6 +227,7 @@ def model_export_cmd(
 ) -> None:
     """Export the model to ONNX (fp32, dynamic spatial axes), checked against PyTorch."""
     from .config import Config
+    from .errors import InputError
     from .io.atomic import check_writable
     from .model.export import export_onnx, find_or_export_onnx
     from .model.folder import load_model_folder, locate_model
@@ -228,7 +238,10 @@ def model_export_cmd(
         _say(quiet, f"ONNX model: {path}")
         typer.echo(str(path))
         return
+    if output.suffix != ".onnx":
+        raise InputError("the ONNX file's name must end with .onnx (its report goes beside it as .json)", output)
     check_writable(output, force)
+    check_writable(output.with_suffix(".json"), force)  # the export report written beside it
     rep = export_onnx(folder, output)
     _say(quiet, f"Wrote {output} (max |ONNX - PyTorch| = {rep.max_abs_diff:.2e} on a {rep.check_shape} patch, "
                 f"tolerance {rep.tolerance:.0e})")
@@ -752,12 +765,12 @@ def bench_cmd(
     """Benchmark TotalSegmentator (vanilla) against ctpassport's pipelines: speed, memory, agreement."""
     from .bench.report import markdown_table, write_all
     from .bench.runner import BenchSettings, resolve_configs, run_benchmark
-    from .errors import OutputExistsError
+    from .io.atomic import check_writable, mark_output_folder
 
     if passport_speed not in ("quick", "full", "tiny", "off"):
-        raise CTPassportError(f"--passport-speed must be quick, full, tiny or off, not {passport_speed!r}")
+        raise ConfigError(f"--passport-speed must be quick, full, tiny or off, not {passport_speed!r}")
     if device not in ("cpu", "gpu", "cuda"):
-        raise CTPassportError(f"--device must be cpu or gpu, not {device!r}")
+        raise ConfigError(f"--device must be cpu or gpu, not {device!r}")
     from .bench.inputs import collect_inputs, parse_spacing
 
     specs = resolve_configs(configs)
@@ -765,9 +778,12 @@ def bench_cmd(
     for v in variant or []:
         parse_spacing(v)
     collect_inputs(list(input))  # fail on missing inputs before anything is written
-    if (output / "results.json").exists() and not force:
-        raise OutputExistsError(output / "results.json")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        # a report folder is written into (inputs/, work/ and outputs/ are replaced): only an earlier report
+        # folder (it holds ctpassport's output marker) and only with --force
+        check_writable(output, force, folder=True)
     output.mkdir(parents=True, exist_ok=True)
+    mark_output_folder(output)
     parts = ["ctpassport bench"] + [f"-i {p}" for p in input] + ([f"--model {model}"] if model else [])
     parts += [f"-o {output}", f"--configs {configs}", f"--repeat {repeat}", f"--warmup {warmup}"]
     parts += [f"--variant {v}" for v in variant or []]
@@ -789,7 +805,7 @@ def bench_cmd(
         results = run_benchmark(settings, log=lambda m: progress.update(task, description=m[:60]),
                                 progress=on_progress)
     paths = write_all(results, output)
-    for c in results["cases"]:
+    for c in results["cases"] if not quiet else []:
         typer.echo(f"\n{c['name']} ({' x '.join(map(str, c['shape']))}):")
         typer.echo(markdown_table(results, c["name"]))
     _say(quiet, "\nWrote " + ", ".join(str(p) for p in paths.values()))
@@ -830,8 +846,10 @@ def batch_cmd(
 
     classes_for(roi_subset)
     if passport_grid not in ("model", "output"):
-        raise CTPassportError(f"--passport-grid must be model or output, not {passport_grid!r}")
-    opts = BatchOptions(model=str(model.resolve()) if model is not None else None, backend=backend,
+        raise ConfigError(f"--passport-grid must be model or output, not {passport_grid!r}")
+    model_arg = None if model is None else str(model) if str(model) == "demo" and not model.exists() \
+        else str(model.resolve())  # `demo`: the embedded demo model, as for `segment`
+    opts = BatchOptions(model=model_arg, backend=backend,
                         threads=nr_thr or None, passport=passport, passport_grid=passport_grid,
                         passport_normals=normals, roi_subset=tuple(roi_subset) if roi_subset else None)
     progress, task = _progress(quiet, 1, "Batch")
@@ -900,7 +918,7 @@ def store_list_cmd(
 
     from .store.db import PassportStore
 
-    with PassportStore(db) as store:
+    with PassportStore(db, must_exist=True) as store:
         records = store.list(patient_id=patient_id)
     if as_json:
         for rec in records:
@@ -926,7 +944,7 @@ def store_show_cmd(
     from .passport.schema import save_passport
     from .store.db import PassportStore, record_json
 
-    with PassportStore(db) as store:
+    with PassportStore(db, must_exist=True) as store:
         rec = store.get(study)
     if passport_out is not None:
         check_writable(passport_out, force)
@@ -959,8 +977,10 @@ def store_register_cmd(
     from .store.db import PassportStore
     from .store.registration import register_studies
 
+    if tier not in ("rigid", "deformable"):
+        raise ConfigError(f"--tier must be rigid or deformable, not {tier!r}")
     check_writable(output, force, folder=True)
-    with PassportStore(db) as store:
+    with PassportStore(db, must_exist=True) as store:
         fixed, moving = store.get(fixed_study), store.get(moving_study)
     result = register_studies(fixed, moving, output, tier=tier, method=method, force=force)
     t = result.translation
@@ -986,8 +1006,9 @@ def fetch_data_cmd(
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from .fetch import fetch_dataset
+    from .fetch import check_fetch_arguments, fetch_dataset
 
+    check_fetch_arguments(dataset, dest, url=url, sha256=sha256, md5=md5)  # before any progress bar
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         console=Console(stderr=True), disable=quiet)
     task = progress.add_task(dataset, total=None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tarfile
 import time
@@ -215,8 +216,10 @@ def download(url: str, part: Path, *, retries: int = 3, timeout: float = 60.0,
             attempt += 1
             if attempt > retries:
                 reason = getattr(exc, "reason", exc)
-                raise FetchError(f"{url}: download failed ({reason}); run the command again to resume",
-                                 hint=f"{part.stat().st_size if part.exists() else 0} bytes kept in {part}") from None
+                kept = part.stat().st_size if part.exists() else 0
+                raise FetchError(f"{url}: download failed ({reason}); run the command again"
+                                 + (" to resume" if kept else ""),
+                                 hint=f"{kept} bytes kept in {part}" if kept else None) from None
             time.sleep(min(2.0 ** attempt * 0.25, 10.0))
 
 
@@ -292,6 +295,26 @@ def unpack(archive: Path, into: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # the command
 # ------------------------------------------------------------------------------------------------
+def check_fetch_arguments(name: str, dest: str | Path, *, url: str | None = None, sha256: str | None = None,
+                          md5: str | None = None) -> None:
+    """Fail before any download on an unknown dataset, a ``dest`` that is not a folder, a URL that is not
+    http(s)/ftp/file, or checksums that are not 64 (SHA-256) / 32 (MD5) hex digits."""
+    from urllib.parse import urlparse
+
+    from .errors import ConfigError, OutputError
+
+    if name not in DATASETS:
+        raise InputError(f"unknown dataset {name!r}", hint=f"choose one of {', '.join(DATASETS)}")
+    d = Path(dest)
+    if d.exists() and not d.is_dir():
+        raise OutputError("is a file, but --dest must be a folder", d)
+    if url is not None and urlparse(url).scheme not in ("http", "https", "ftp", "file"):
+        raise ConfigError(f"--url must be an http(s), ftp or file URL, not {url!r}")
+    for flag, value, n in (("--sha256", sha256, 64), ("--md5", md5, 32)):
+        if value is not None and not re.fullmatch(f"[0-9a-fA-F]{{{n}}}", value):
+            raise ConfigError(f"{flag} must be {n} hexadecimal digits, not {value!r}")
+
+
 def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256: str | None = None,
                   md5: str | None = None, force: bool = False, keep_archive: bool = False, retries: int = 3,
                   timeout: float = 60.0, progress: Callable[[int, int | None], None] | None = None,
@@ -302,8 +325,7 @@ def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256
     folder is kept as it is (:class:`OutputExistsError` with ``force=False`` only when the folder exists
     but is not a finished download).
     """
-    if name not in DATASETS:
-        raise InputError(f"unknown dataset {name!r}", hint=f"choose one of {', '.join(DATASETS)}")
+    check_fetch_arguments(name, dest, url=url, sha256=sha256, md5=md5)
     ds = DATASETS[name]
     src_url = url or ds.url
     dest = Path(dest).resolve()

@@ -141,6 +141,8 @@ def test_workspace(tmp_path: Path) -> None:
     ws.close()
     assert not ws.path.exists() and ws.closed
     assert safe_name("../../etc/passwd") == "passwd" and safe_name("a b?.nii.gz") == "a_b_.nii.gz"
+    assert safe_name("腹部.nii.gz") == "file.nii.gz" and safe_name("é.nii") == "file.nii"
+    assert safe_name(".hidden") == "file.hidden" and safe_name("...") == "file"
 
 
 def test_stale_server_folders_are_swept(tmp_path: Path) -> None:

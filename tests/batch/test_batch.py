@@ -192,6 +192,75 @@ def test_dask_local_cluster(batch_in: Path, corrupt: Path, tiny_model: Path, tmp
     assert ref.counts()["ok"] == 3
 
 
+def test_ctrl_c_stops_a_local_pool_and_its_workers(batch_in: Path, tiny_model: Path, tmp_path: Path,
+                                                   ct_dir: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    big = read_image(ct_dir / "example_ct.nii.gz")
+    from ctpassport.io.nifti import make_nifti, save_nifti
+
+    for name in ("x_big1", "x_big2", "x_big3", "x_big4"):
+        save_nifti(make_nifti(big.data, big.affine, big.header), batch_in / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ctpassport.cli", "batch", str(batch_in), str(out),
+                             "--model", str(tiny_model), "--workers", "2", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        parent = psutil.Process(proc.pid)
+        # while the workers start (spawn, imports, model load): where an interrupted pool used to hang
+        assert _wait(lambda: len(parent.children(recursive=True)) >= 2, 180)
+        time.sleep(1.0)
+        workers = parent.children(recursive=True)
+        finished_before = sorted(p.parent.name for p in out.glob("*/case.json"))
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.returncode == 130 and "interrupted" in err, err
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, alive
+    # stopped at once: the cases in flight were not carried on to the end after the interrupt
+    assert sorted(p.parent.name for p in out.glob("*/case.json")) == finished_before
+    assert json.loads((out / BATCH_JSON).read_text())["status"] == "interrupted"
+
+
+def test_resume_redoes_cases_made_with_other_options(batch_in: Path, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1))
+    assert first.counts()["ok"] == 3
+    again = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1), resume=True)
+    assert again.counts()["resumed"] == 3  # same options: kept
+    changed = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1, passport=True), resume=True)
+    assert changed.counts()["resumed"] == 0 and changed.counts()["ok"] == 3
+    assert all((out / case / "passport.json").is_file() for case in CASES)
+    normals = BatchOptions(model=str(tiny_model), threads=1, passport=True, passport_normals=True)
+    assert run_batch(batch_in, out, normals, resume=True).counts()["resumed"] == 0
+    assert run_batch(batch_in, out, normals, resume=True).counts()["resumed"] == 3
+
+
+def test_a_failed_redo_leaves_no_stale_output(batch_in: Path, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1)).counts()["ok"] == 3
+    src = batch_in / "a" / "ct1.nii.gz"
+    src.write_bytes(src.read_bytes()[:1000])  # now corrupt
+    redo = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1), force=True)
+    assert redo.records["a__ct1"]["status"] == "failed"
+    assert not (out / "a__ct1").exists()  # the earlier "ok" folder would contradict batch.csv
+
+
+def test_batch_output_kinds_and_demo_model(batch_in: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    res = CliRunner().invoke(app, ["batch", str(batch_in), str(a_file), "--model", "demo", "-q"])
+    assert res.exit_code == 4 and "is a file" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = CliRunner().invoke(app, ["batch", str(batch_in), str(tmp_path / "o"), "--model", "demo",
+                                   "--passport-grid", "fine", "-q"])
+    assert res.exit_code == 5
+
+
 def test_bad_arguments(batch_in: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="either --workers"):
         run_batch(batch_in, tmp_path / "o", workers=2, scheduler="tcp://127.0.0.1:1")

@@ -81,7 +81,7 @@ def test_bench_tiny_end_to_end(tiny_home: Path, ct_dir: Path, tmp_path: Path) ->
             "--passport-speed", "tiny", "-q"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output + (str(res.exception) if res.exception else "")
-    assert "| optimized |" in res.stdout or "| **optimized** |" in res.stdout
+    assert res.stdout == ""  # quiet: the tables are in report.md (read below)
 
     r = json.loads((out / "results.json").read_text())
     assert r["machine"]["cpu_model"] and r["machine"]["libraries"]["numpy"]
@@ -141,3 +141,39 @@ def test_bench_rejects_bad_options(tmp_path: Path, ct_dir: Path) -> None:
     assert res.exit_code != 0 and "spacing" in res.stderr
     res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--cpus", "999"])
     assert res.exit_code != 0 and "--cpus" in res.stderr
+    res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--configs", "vanilla,fastest"])
+    assert res.exit_code == 5  # a bad setting
+    res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--device", "tpu"])
+    assert res.exit_code == 5 and "--device" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_never_writes_into_a_folder_it_did_not_make(tmp_path: Path, ct_dir: Path) -> None:
+    """The report folder is filled in place: a folder holding someone's files is refused, --force or not."""
+    ct = str(ct_dir / "example_ct_sm.nii.gz")
+    proj = tmp_path / "project"
+    (proj / "outputs").mkdir(parents=True)
+    (proj / "outputs" / "important.txt").write_text("keep")
+    (proj / "report.md").write_text("mine")
+    for extra in ([], ["--force"]):
+        res = runner.invoke(app, ["bench", "-i", ct, "-o", str(proj), "--configs", "onnx", "-q", *extra])
+        assert res.exit_code == 4 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert (proj / "outputs" / "important.txt").read_text() == "keep" and (proj / "report.md").read_text() == "mine"
+    res = runner.invoke(app, ["bench", "-i", ct, "-o", ct, "--configs", "onnx", "-q"])
+    assert res.exit_code == 4 and "is a file" in res.stderr
+
+
+def test_bench_variants_of_inputs_named_alike_are_kept_apart(tmp_path: Path, ct_dir: Path) -> None:
+    import nibabel as nib
+
+    from ctpassport.bench.inputs import make_variant
+
+    src = nib.load(str(ct_dir / "example_ct_sm.nii.gz"))
+    for sub, crop in (("a", slice(None)), ("b", slice(0, 8))):
+        (tmp_path / sub).mkdir()
+        data = np.asanyarray(src.dataobj)[crop]
+        nib.save(nib.Nifti1Image(data, src.affine, src.header), str(tmp_path / sub / "ct.nii.gz"))
+    va = make_variant(tmp_path / "a" / "ct.nii.gz", (6.0, 6.0, 6.0), tmp_path / "cache")
+    vb = make_variant(tmp_path / "b" / "ct.nii.gz", (6.0, 6.0, 6.0), tmp_path / "cache")
+    assert va != vb and nib.load(str(va)).shape != nib.load(str(vb)).shape
+    assert make_variant(tmp_path / "a" / "ct.nii.gz", (6.0, 6.0, 6.0), tmp_path / "cache") == va  # cached

@@ -50,3 +50,18 @@ def test_onnx_matches_pytorch_on_real_ct(segmenter, example_ct: Path) -> None:  
     assert diff <= EXPORT_ATOL, diff
     # and the decision is the same almost everywhere (ties between near-equal logits may flip)
     assert (got.argmax(1) == ref.argmax(1)).mean() > 0.999
+
+
+def test_export_command_checks_the_names_it_writes(tmp_path: Path) -> None:
+    """``-o X.onnx`` also writes ``X.json`` (the check report): neither is overwritten without --force."""
+    from typer.testing import CliRunner
+
+    from ctpassport.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["model", "export", "demo", "-o", str(tmp_path / "m.json"), "-q"])
+    assert res.exit_code == 2 and "must end with .onnx" in res.stderr
+    (tmp_path / "m.json").write_text('{"mine": 1}')
+    res = runner.invoke(app, ["model", "export", "demo", "-o", str(tmp_path / "m.onnx"), "-q"])
+    assert res.exit_code == 4 and "m.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "m.json").read_text() == '{"mine": 1}' and not (tmp_path / "m.onnx").exists()

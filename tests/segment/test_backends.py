@@ -177,6 +177,38 @@ def _bf16_conv_precisions(core, model) -> list[str]:  # type: ignore[no-untyped-
                                                               "INFERENCE_NUM_THREADS": 1}))
 
 
+def _unet_tail(rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """Two 3x3x3 convolutions, a stride-2 transposed convolution, two more 3x3x3 and a 1x1x1 output layer."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 1, 16, 16, 16], np.float32, name="x")
+    y = x
+    for i in range(2):
+        w = ops.constant(rng.standard_normal((8, 1 if i == 0 else 8, 3, 3, 3)).astype(np.float32) * 0.3)
+        y = ops.relu(ops.convolution(y, w, [2 if i == 1 else 1] * 3, [1, 1, 1], [1, 1, 1], [1, 1, 1]))
+    w_up = ops.constant(rng.standard_normal((8, 8, 2, 2, 2)).astype(np.float32) * 0.3)
+    y = ops.convolution_backprop_data(y, w_up, strides=[2, 2, 2], pads_begin=[0, 0, 0], pads_end=[0, 0, 0])
+    for k in (3, 3, 1):
+        w = ops.constant(rng.standard_normal((8, 8, k, k, k)).astype(np.float32) * 0.3)
+        y = ops.convolution(y, w, [1, 1, 1], [k // 2] * 3, [k // 2] * 3, [1, 1, 1])
+        if k == 3:
+            y = ops.relu(y)
+    return ov.Model([y], [x], "unet_tail")
+
+
+@needs_openvino
+@pytest.mark.skipif(not B.native_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16) [allowed]")
+def test_bf16_keeps_the_last_decoder_stage_in_fp32(rng: np.random.Generator) -> None:
+    import openvino as ov
+
+    core = ov.Core()
+    model = _unet_tail(rng)
+    assert _bf16_conv_precisions(core, model) == ["bf16"] * 5
+    # first block fp32, the second (strided) convolution bf16, everything from the transposed convolution on fp32
+    assert _bf16_conv_precisions(core, B.keep_ends_fp32(core, model)) == ["f32", "bf16", "f32", "f32", "f32"]
+
+
 @needs_openvino
 @pytest.mark.skipif(not B.native_bf16(), reason="this CPU has no native bf16 (AMX / AVX512-BF16) [allowed]")
 def test_bf16_keeps_network_ends_in_fp32(rng: np.random.Generator) -> None:
@@ -204,8 +236,8 @@ def test_bf16_backend_runs_first_and_last_blocks_in_fp32(segmenter) -> None:  # 
     for argmax in (False, True):
         convs = _conv_precisions(ov._request((1, 1, 32, 48, 32), argmax, run=False).get_compiled_model())
         assert len(convs) == 19  # 10 encoder, 8 decoder, 1 segmentation layer
-        # the first convolution; the last 3x3x3 convolution and the segmentation layer
-        assert convs[0] == convs[-2] == convs[-1] == "f32" and set(convs[1:-2]) == {"bf16"}, convs
+        # the first convolution; the last decoder stage (its two 3x3x3 convolutions) and the segmentation layer
+        assert convs[0] == "f32" and convs[-3:] == ["f32"] * 3 and set(convs[1:-3]) == {"bf16"}, convs
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -172,6 +173,28 @@ def test_cli_add_list_show_with_dicom_metadata(db_url: str, make_passport, tmp_p
     assert load_passport(tmp_path / "o.json").organs[0].id == 1
     res = runner.invoke(app, ["store", "show", "nope", "--db", db_url])
     assert res.exit_code == StoreError.exit_code and "no study 'nope'" in res.output
+
+
+def test_reading_never_creates_a_store_and_bad_stores_are_one_line_errors(tmp_path: Path, make_passport) -> None:  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    typo = tmp_path / "typo.sqlite"
+    res = runner.invoke(app, ["store", "list", "--db", str(typo)])
+    assert res.exit_code == 2 and "no such passport store" in res.stderr and not typo.exists()
+    not_db = tmp_path / "notes.txt"
+    not_db.write_text("not a database " * 100)
+    res = runner.invoke(app, ["store", "list", "--db", str(not_db)])
+    assert res.exit_code != 0 and "Traceback" not in res.output and len(res.stderr.strip().splitlines()) == 1
+    assert "internal error" not in res.stderr
+    res = runner.invoke(app, ["store", "list", "--db", str(not_db / "x.sqlite")])  # a parent is a file
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    pfile = save_passport(make_passport(), tmp_path / "p.json")
+    res = runner.invoke(app, ["store", "add", str(pfile), "--ct", str(not_db), "--db", str(tmp_path / "s.sqlite")])
+    assert res.exit_code == 2 and "notes.txt" in res.stderr  # --ct must be a CT, not any file
+    ct = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(ct))
+    res = runner.invoke(app, ["store", "add", str(pfile), "--ct", str(ct), "--study", "  ",
+                              "--db", str(tmp_path / "s.sqlite")])
+    assert res.exit_code == 2 and "blank" in res.stderr
 
 
 def test_cli_add_needs_a_source(tmp_path: Path, make_passport) -> None:  # type: ignore[no-untyped-def]

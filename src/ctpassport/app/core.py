@@ -491,7 +491,11 @@ def store_records() -> list[Any]:
         return []
     from ..store.db import PassportStore
 
-    with PassportStore(loc, create=False) as store:
+    try:
+        store_ = PassportStore(loc, create=False, must_exist=True)
+    except InputError:  # no SQLite file yet: nothing stored (and none is created by looking)
+        return []
+    with store_ as store:
         try:
             return store.list()
         except CTPassportError as exc:

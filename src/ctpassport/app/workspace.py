@@ -31,9 +31,14 @@ _ROOTS: set[Path] = set()
 
 
 def safe_name(name: str, default: str = "file") -> str:
-    """A file name without folders or odd characters (for storing an upload under its own name)."""
-    base = _SAFE.sub("_", Path(str(name)).name).strip("._") or default
-    return base[:120]
+    """A file name without folders or odd characters (for storing an upload under its own name); the
+    extension is kept (``腹部.nii.gz`` -> ``file.nii.gz``, ``CT 01.nii.gz`` -> ``CT_01.nii.gz``)."""
+    stem, _dot, ext = _SAFE.sub("_", Path(str(name)).name).partition(".")
+    stem = stem.lstrip("_")
+    if not stem.strip("_"):  # nothing left of a non-ASCII name (or a hidden file's empty stem)
+        stem = default
+    ext = ext.strip(".")[:20]
+    return f"{stem[:100]}.{ext}" if ext else stem[:120]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import CTPassportError, InputError, OutputExistsError
+from ..errors import CTPassportError, InputError, OutputError, OutputExistsError
 from ..io.atomic import write_text_atomic
 from .discover import Case, discover_cases, input_signature
 from .worker import BatchOptions, read_case_record, run_case
@@ -106,10 +106,16 @@ def clean_partial(out_dir: Path) -> list[Path]:
     return removed
 
 
-def finished_record(case: Case, out_dir: Path) -> dict[str, Any] | None:
-    """The record of ``case`` when its folder is complete and made from the same, unchanged input."""
+def finished_record(case: Case, out_dir: Path, opts: BatchOptions | None = None,
+                    model_id: str | None = None) -> dict[str, Any] | None:
+    """The record of ``case`` when its folder is complete and made from the same, unchanged input (and, when
+    given, with the same output-shaping options and the same model)."""
     rec = read_case_record(out_dir / case.case_id)
     if rec is None or rec.get("input") != case.path:
+        return None
+    if opts is not None and rec.get("output_options") != opts.output_options():
+        return None
+    if model_id is not None and rec.get("model_id") != model_id:
         return None
     sig = rec.get("input_signature")
     if sig is not None and sig != input_signature(case.path):
@@ -164,8 +170,12 @@ def _run_pool(todo: list[Case], out: str, opts: BatchOptions, workers: int) -> I
                 running.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:  # Ctrl-C, or the consumer closed us: stop the workers now, not after their case
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_dask(todo: list[Case], out: str, opts: BatchOptions, scheduler: str,
@@ -217,10 +227,13 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
     cases = discover_cases(src, exclude=out)
     if not cases:
         raise InputError("no CT found (NIfTI .nii/.nii.gz files, DICOM folders or zips of them)", src)
+    model_id = None
     if scheduler is None:  # fail fast on a missing or broken model (Dask workers may see other paths)
         from ..model.folder import load_model_folder, locate_model
 
-        load_model_folder(locate_model(opts.model))
+        model_id = load_model_folder(locate_model(opts.model)).model_id
+    if out.exists() and not out.is_dir():
+        raise OutputError("is a file, but the batch output is a folder", out, "name a folder")
     existing = out.is_dir() and ((out / BATCH_JSON).exists() or any(_is_case_dir(p) for p in out.iterdir()))
     if existing and not (resume or force):
         raise OutputExistsError(out)
@@ -238,7 +251,7 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
                            cases=cases)
     todo: list[Case] = []
     for case in cases:
-        rec = finished_record(case, out) if resume else None
+        rec = finished_record(case, out, opts, model_id) if resume else None
         if rec is not None:
             summary.records[case.case_id] = {**rec, "resumed": True}
         else:

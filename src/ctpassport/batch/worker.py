@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -52,6 +53,12 @@ class BatchOptions:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def output_options(self) -> dict[str, Any]:
+        """The options that shape a case's outputs (a resumed case must have been made with the same)."""
+        return {"passport": self.passport, "passport_grid": self.passport_grid if self.passport else None,
+                "passport_normals": self.passport_normals if self.passport else None,
+                "roi_subset": sorted(self.roi_subset) if self.roi_subset else None}
 
 
 @dataclass
@@ -115,11 +122,11 @@ def run_case(case: Case, out_dir: str, opts: BatchOptions) -> dict[str, Any]:
         "seconds": None, "output": None, "started": _now(), "finished": None,
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
     }
+    target = Path(out_dir) / case.case_id
     try:
         signature = input_signature(case.path)
         seg, loads = get_segmenter(opts)
         record["worker"]["segmenter_loads"] = loads
-        target = Path(out_dir) / case.case_id
         with _STATE.lock:  # one inference at a time per process
             tm = Timings()
             with tm.stage("load"):
@@ -152,6 +159,7 @@ def run_case(case: Case, out_dir: str, opts: BatchOptions) -> dict[str, Any]:
                     model_id=seg.model.model_id, backend=seg.backend_name,
                     stage_seconds={k: round(v, 4) for k, v in tm.seconds.items()},
                     passport=PASSPORT if opts.passport else None, ctpassport_version=__version__,
+                    output_options=opts.output_options(),
                 )
                 record["seconds"] = round(time.perf_counter() - t0, 4)
                 record["finished"] = _now()
@@ -159,6 +167,8 @@ def run_case(case: Case, out_dir: str, opts: BatchOptions) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the batch goes on
         record.update(status="failed", error=_one_line(exc), output=None,
                       seconds=round(time.perf_counter() - t0, 4), finished=_now())
+        if (target / CASE_JSON).is_file():  # an earlier run's output of this case: stale now that it failed
+            shutil.rmtree(target, ignore_errors=True)
     return record
 
 

@@ -120,12 +120,18 @@ def collect_inputs(items: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
 
 def make_variant(src: Path, spacing: tuple[float, float, float], out_dir: Path) -> Path:
     """``src`` resampled to ``spacing`` (mm, array axes), int16 HU, same orientation and field of view
-    (see the module docstring); cached: an existing file of the same name is reused."""
+    (see the module docstring); cached: an existing file of the same name is reused. The name carries a key
+    of the source's path, size and modification time, so two inputs named alike (``a/ct.nii.gz``,
+    ``b/ct.nii.gz``) or a changed source never share a cached variant."""
+    import hashlib
+
     from scipy import ndimage
 
     from ..io.nifti import make_nifti, read_image, save_nifti
 
-    out = out_dir / f"{_stem(src)}_{spacing_tag(spacing)}mm.nii.gz"
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:8]
+    out = out_dir / f"{_stem(src)}_{spacing_tag(spacing)}mm_{key}.nii.gz"
     if out.is_file():
         return out
     img = read_image(src, kind="CT")

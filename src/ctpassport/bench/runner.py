@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import CTPassportError, InputError
+from ..errors import ConfigError, CTPassportError
 from .inputs import Case, prepare_cases
 from .metrics import agreement, summarize
 from .worker import MARKER
@@ -68,15 +68,15 @@ CONFIGS: dict[str, ConfigSpec] = {c.name: c for c in (
 
 
 def resolve_configs(text: str) -> list[ConfigSpec]:
-    """``"vanilla,onnx,optimized"`` -> specs (unknown names are an :class:`InputError`)."""
+    """``"vanilla,onnx,optimized"`` -> specs (unknown names are a :class:`ConfigError`)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise InputError("--configs is empty", hint=f"choose from {', '.join(CONFIGS)}")
+        raise ConfigError("--configs is empty", hint=f"choose from {', '.join(CONFIGS)}")
     bad = [n for n in names if n not in CONFIGS]
     if bad:
-        raise InputError(f"unknown configuration(s) {', '.join(bad)}", hint=f"choose from {', '.join(CONFIGS)}")
+        raise ConfigError(f"unknown configuration(s) {', '.join(bad)}", hint=f"choose from {', '.join(CONFIGS)}")
     if len(set(names)) != len(names):
-        raise InputError("a configuration is named twice in --configs")
+        raise ConfigError("a configuration is named twice in --configs")
     return [CONFIGS[n] for n in names]
 
 

@@ -52,6 +52,13 @@ def _make_parent(p: Path) -> None:
         raise OutputError(f"cannot be written: no permission to write in {parent}", p)
 
 
+def mark_output_folder(path: str | Path) -> None:
+    """Write :data:`OUTPUT_MARKER` into a folder that ctpassport fills in place (not via :func:`atomic_path`)."""
+    marker = Path(path) / OUTPUT_MARKER
+    if not marker.is_file():
+        marker.write_text("written by ctpassport; --force may replace this folder's contents\n")
+
+
 def _check_replaceable(p: Path) -> None:
     """Raise unless the existing folder ``p`` is empty or is a ctpassport output (holds the marker)."""
     if (p / OUTPUT_MARKER).is_file():

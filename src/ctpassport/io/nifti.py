@@ -188,7 +188,12 @@ def read_image(path: str | Path, *, dtype: type | None = None, kind: str = "imag
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         n = int(np.count_nonzero(~np.isfinite(data)))
         raise InputError(f"has {n} NaN or infinite voxels", p, f"fix the {kind} or replace them first")
-    header = img.header.copy() if isinstance(img, nib.Nifti1Image) else nib.Nifti1Header()
+    # outputs are NIfTI-1: a NIfTI-2 input's header (a Nifti1Image subclass) is converted, not copied
+    if type(img) is nib.Nifti1Image:
+        header = img.header.copy()
+    else:
+        with _nibabel_logs_off():  # nibabel notes the converted sizeof_hdr (540 -> 348)
+            header = nib.Nifti1Header.from_header(img.header)
     return Image3D(data=data, affine=affine, header=header, path=p)
 
 

@@ -14,7 +14,7 @@ this machine):
 =================  ===========================================================================================
 ``onnxruntime``    ONNX Runtime CPU, fp32: the exact parity path (nnU-Net's arithmetic end to end)
 ``openvino``       OpenVINO CPU, fp32, static patch shape
-``openvino-bf16``  OpenVINO CPU, bfloat16 compute (AMX / AVX512-BF16), first and last blocks in fp32:
+``openvino-bf16``  OpenVINO CPU, bfloat16 compute (AMX / AVX512-BF16), first block and last stage in fp32:
                    the fast CPU path
 ``openvino-int8``  OpenVINO CPU, int8 post-training quantisation (NNCF) calibrated on real CT
 ``cuda``           PyTorch on a CUDA GPU, fp16 autocast, channels-last, optional ``torch.compile``
@@ -183,7 +183,7 @@ class OpenVinoBackend:
     """OpenVINO on the CPU with a static input shape per compiled model.
 
     ``precision``: ``fp32`` (IEEE float32 compute), ``bf16`` (bfloat16 compute with float32 accumulation,
-    needs native bf16: AMX or AVX512-BF16; the network's first and last blocks stay in float32, see
+    needs native bf16: AMX or AVX512-BF16; the network's first block and last decoder stage stay in float32, see
     :func:`keep_ends_fp32`) or ``int8`` (an NNCF-quantised IR, ``model_xml``). Models are
     compiled lazily per input shape (the exported ONNX has dynamic spatial axes; a static shape lets the
     CPU plugin pick its fastest kernels). :meth:`predict_labels` compiles a variant with the channel argmax
@@ -273,23 +273,25 @@ class OpenVinoBackend:
 
 
 def keep_ends_fp32(core: Any, model: Any) -> Any:
-    """``model`` with its first convolution block and its last block (the last 3x3x3 convolution, its norm and
-    activation, and the 1x1x1 output layer) marked to stay in float32 under bf16.
+    """``model`` with its first convolution block and its whole last decoder stage (the last transposed
+    convolution, both 3x3x3 convolutions with their norms and activations, and the 1x1x1 output layer) marked
+    to stay in float32 under bf16.
 
     Under ``INFERENCE_PRECISION_HINT=bf16`` the CPU plugin rounds every layer's input to bfloat16 (8-bit
     mantissa). Roundings at the ends lose what the rest of the network does not: the normalised CT at the input
     (steps of up to ~8 HU) and, at the output, the features and logits that decide near-equal classes (logits
     in steps of 1/16 between 8 and 16 become exact ties that the argmax breaks toward the lower index). The ops
-    up to the second convolution (first convolution, its norm and activation) and from the second-to-last
-    convolution on are marked with OpenVINO's ``DisablePrecisionConversion`` attribute, which the CPU plugin
-    honours. Measured on the demo model, example_ct, against TotalSegmentator 2.18 running it (mean Dice over
-    organs >= 1 ml / voxel agreement): all-bf16 0.969 / 0.9982 (six-stage model); input block and output
-    layer only 0.9897 / 0.99878 (eleven-stage model, shipped until 2026-12-06); **these ends 0.9909 /
-    0.99892**; the whole last decoder stage 0.9918 / 0.99903; every op marked 0.9929 / 0.99917 (the tensors
-    between marked ops still pass through bf16 storage; OpenVINO fp32: 0.9973 / 0.99978). Cost: see
-    docs/benchmark.md (in-memory segmentation of example_ct with stand-in weights, one interleaved run:
-    0.89 s with the output layer alone, 1.05 s with the last block, 1.47 s with the whole last decoder stage,
-    2.30 s OpenVINO fp32).
+    up to the second convolution (first convolution, its norm and activation) and from the last transposed
+    convolution on (without one: from the second-to-last convolution on) are marked with OpenVINO's
+    ``DisablePrecisionConversion`` attribute, which the CPU plugin honours.
+
+    Measured on the demo model, example_ct, against TotalSegmentator 2.18 running it (mean Dice over organs
+    >= 1 ml / voxel agreement), on 2026-12-06 with openvino 2026.4.1 and torch 2.14.1: input block and output
+    layer only 0.9897 / 0.99878 (earlier install); plus the last 3x3x3 block 0.9897 / 0.99893 (0.9909 on an
+    earlier install: below the 0.99 bar on this one); plus the last two blocks 0.9910 / 0.99894; **the whole
+    last decoder stage 0.9912 / 0.99900 (kept)**; OpenVINO fp32 0.9973, ONNX Runtime 0.9996. Cost, in-memory
+    segmentation of example_ct with stand-in weights (one interleaved run, median of 3): 2.44 s with the last
+    block, 2.88 s with the last decoder stage (+18 %); see docs/benchmark.md.
 
     The attribute has no Python constructor, so the model takes a trip through IR XML (in memory after a
     temporary file): ``save_model`` -> add ``<rt_info><attribute name="DisablePrecisionConversion" .../>`` to the
@@ -306,7 +308,11 @@ def keep_ends_fp32(core: Any, model: Any) -> Any:
     if not conv_at:
         return model
     second = conv_at[1] if len(conv_at) > 1 else conv_at[0] + 1
-    last = conv_at[-2] if len(conv_at) > 2 else conv_at[-1]  # the last 3x3x3 convolution (then the 1x1x1 one)
+    up_at = [i for i in conv_at if ops[i].get_type_name() == "ConvolutionBackpropData"]
+    if up_at and up_at[-1] > second:  # the U-Net's last decoder stage, from its transposed convolution on
+        last = up_at[-1]
+    else:  # no upsampling: the last 3x3x3 convolution, then the 1x1x1 one
+        last = conv_at[-2] if len(conv_at) > 2 else conv_at[-1]
     keep = {o.get_friendly_name() for o in ops[:second] + ops[last:]}
     with tempfile.TemporaryDirectory(prefix="ctpassport-ov-") as tmp:
         xml_path = Path(tmp) / "model.xml"

@@ -26,7 +26,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Self
 
-from ..errors import ConfigError, CTPassportError, InputError
+from ..errors import ConfigError, CTPassportError, InputError, OutputError
 from ..passport.schema import Passport
 
 #: Environment variable naming the default store (a URL or an SQLite file path).
@@ -47,13 +47,23 @@ def default_db_path() -> Path:
     return (Path(base) if base else Path.home() / ".local" / "share") / "ctpassport" / "passports.sqlite"
 
 
-def resolve_db_url(db: str | Path | None = None) -> str:
+def resolve_db_url(db: str | Path | None = None, *, must_exist: bool = False) -> str:
     """A SQLAlchemy URL for ``db``: a URL as given (``postgresql://`` -> ``postgresql+psycopg://``), a file
-    path -> ``sqlite:///<absolute path>``; ``None`` -> ``$CTPASSPORT_DB`` or :func:`default_db_path`."""
+    path -> ``sqlite:///<absolute path>``; ``None`` -> ``$CTPASSPORT_DB`` or :func:`default_db_path`.
+
+    ``must_exist``: an SQLite file that is not there is an :class:`InputError` (commands that only read never
+    create an empty store); otherwise its folder is created."""
     value = str(db) if db is not None else (os.environ.get(DB_ENV) or str(default_db_path()))
     if "://" not in value:
         path = Path(value).expanduser().resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if must_exist:
+            if not path.is_file():
+                raise InputError("no such passport store", path, "add passports with `ctpassport store add` first")
+            return f"sqlite:///{path}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the store's folder ({exc.strerror or exc})", path) from None
         return f"sqlite:///{path}"
     scheme, rest = value.split("://", 1)
     if scheme in ("postgresql", "postgres"):
@@ -175,11 +185,12 @@ class PassportStore:
     Safe to use from several processes at once. Close with :meth:`close` (or use as a context manager).
     """
 
-    def __init__(self, db: str | Path | None = None, *, create: bool = True, busy_timeout_s: float = 60.0) -> None:
+    def __init__(self, db: str | Path | None = None, *, create: bool = True, busy_timeout_s: float = 60.0,
+                 must_exist: bool = False) -> None:
         from sqlalchemy import create_engine, event
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-        self.url = resolve_db_url(db)
+        self.url = resolve_db_url(db, must_exist=must_exist)
         try:
             if self.url.startswith("sqlite"):
                 self.engine = create_engine(self.url, connect_args={"timeout": busy_timeout_s})
@@ -198,7 +209,7 @@ class PassportStore:
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
-        except (ArgumentError, NoSuchModuleError) as exc:
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
             raise ConfigError(f"cannot use database {_redact(self.url)} ({exc})") from None
         if create:
             self.create_schema()
@@ -215,12 +226,12 @@ class PassportStore:
 
     @contextmanager
     def _begin(self) -> Iterator[Any]:
-        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.exc import DatabaseError
 
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except OperationalError as exc:
+        except DatabaseError as exc:  # unreachable, locked, or not a database at all
             msg = str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0][:200]
             raise StoreError(f"database {_redact(self.url)}: {msg}") from None
 
@@ -254,7 +265,9 @@ class PassportStore:
         _md, t, _meta = _models()
         if not meta.source_sha256 or len(meta.source_sha256) > 64:
             raise InputError("a study needs a source hash (hex SHA-256)")
-        key = meta.study_key or meta.source_sha256[:12]
+        if meta.study_key and not meta.study_key.strip():
+            raise InputError(f"the study key {meta.study_key!r} is blank", hint="give a name, or none for the hash")
+        key = (meta.study_key or "").strip() or meta.source_sha256[:12]
         values = {
             "study_key": key, "source_sha256": meta.source_sha256, "patient_id": meta.patient_id,
             "study_date": parse_date(meta.study_date), "modality": meta.modality, "study_uid": meta.study_uid,

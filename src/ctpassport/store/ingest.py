@@ -43,6 +43,9 @@ def study_meta_for(passport: Passport, passport_path: str | Path | None = None, 
 
         kind = input_kind(ct)
         if kind == "nifti":
+            from ..io.nifti import load_nifti
+
+            load_nifti(ct)  # a readable NIfTI image, not any file (one-line InputError otherwise)
             found.update(source_sha256=source_sha256(ct), source_path=str(Path(ct).resolve()))
         else:
             from ..io.dicom import dicom_metadata
