@@ -777,7 +777,10 @@ def bench_cmd(
     cpu_list = _parse_cpus(cpus)
     for v in variant or []:
         parse_spacing(v)
-    collect_inputs(list(input))  # fail on missing inputs before anything is written
+    from .io.nifti import read_image
+
+    for path in collect_inputs(list(input))[0]:  # fail on missing or unreadable inputs before anything is written
+        read_image(path, kind="CT")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         # a report folder is written into (inputs/, work/ and outputs/ are replaced): only an earlier report
         # folder (it holds ctpassport's output marker) and only with --force

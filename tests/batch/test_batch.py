@@ -227,6 +227,27 @@ def test_ctrl_c_stops_a_local_pool_and_its_workers(batch_in: Path, tiny_model: P
     assert json.loads((out / BATCH_JSON).read_text())["status"] == "interrupted"
 
 
+def test_sigterm_marks_the_batch_interrupted(batch_in: Path, tiny_model: Path, tmp_path: Path,
+                                            ct_dir: Path) -> None:
+    big = read_image(ct_dir / "example_ct.nii.gz")
+    from ctpassport.io.nifti import make_nifti, save_nifti
+
+    save_nifti(make_nifti(big.data, big.affine, big.header), batch_in / "x_big.nii.gz")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ctpassport.cli", "batch", str(batch_in), str(out),
+                             "--model", str(tiny_model), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait(lambda: out.is_dir() and any((".tmp-" in p.name) or (p / "case.json").is_file()
+                                                  for p in out.iterdir()), 180)  # cases are being made
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert json.loads((out / BATCH_JSON).read_text())["status"] == "interrupted"  # not left "running"
+
+
 def test_resume_redoes_cases_made_with_other_options(batch_in: Path, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1))

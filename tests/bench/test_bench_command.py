@@ -145,7 +145,10 @@ def test_bench_rejects_bad_options(tmp_path: Path, ct_dir: Path) -> None:
     assert res.exit_code == 5  # a bad setting
     res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--device", "tpu"])
     assert res.exit_code == 5 and "--device" in res.stderr
-    assert not (tmp_path / "r").exists()
+    (tmp_path / "notes.nii.gz").write_text("not an image")
+    res = runner.invoke(app, ["bench", "-i", str(tmp_path / "notes.nii.gz"), "-o", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "notes.nii.gz" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # nothing made before the inputs were read
 
 
 def test_bench_never_writes_into_a_folder_it_did_not_make(tmp_path: Path, ct_dir: Path) -> None:

@@ -10,6 +10,8 @@ import io
 import json
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -204,6 +206,18 @@ def _run_dask(todo: list[Case], out: str, opts: BatchOptions, scheduler: str,
         client.close()
 
 
+def _raise_on_sigterm() -> Any:
+    """In the main thread, make SIGTERM (``kill``, a job scheduler's stop) end the batch like Ctrl-C: workers
+    stopped, ``batch.json`` marked interrupted. Returns the previous handler (None when not installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, _stop)
+
+
 def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None = None, *, workers: int = 1,
               scheduler: str | None = None, resume: bool = False, force: bool = False,
               on_record: Callable[[dict[str, Any]], None] | None = None,
@@ -265,6 +279,7 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
         stream = _run_pool(todo, str(out), opts, workers)
     else:
         stream = _run_inline(todo, str(out), opts)
+    old_term = _raise_on_sigterm()
     try:
         for rec in stream:
             summary.records[rec["case_id"]] = {**rec, "resumed": False}
@@ -279,6 +294,9 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
         summary.finished = _now()
         summary.write()
         raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     summary.status = "complete"
     summary.finished = _now()
     summary.write()
