@@ -21,6 +21,9 @@ from .errors import ConfigError, CTPassportError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: Choices of ``--passport-grid`` (segment, batch): the passport's ``grid.kind``.
+PASSPORT_GRIDS = ("model", "output")
+
 app = typer.Typer(
     name="ctpassport",
     help="TotalSegmentator-exact fast CT segmentation, anatomical passports and passport registration.",
@@ -75,6 +78,13 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(70) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A bad option value is a bad setting (exit 5): ``--tier must be rigid or deformable, not 'x'``."""
+    if value not in allowed:
+        names = f"{', '.join(allowed[:-1])} or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
+        raise ConfigError(f"{option} must be {names}, not {value!r}")
 
 
 def _version_callback(value: bool) -> None:
@@ -141,13 +151,12 @@ def segment_cmd(
 
     cfg = Config.from_env()
     # settings and output names first: nothing slow runs before a mistake that would fail at the end
-    if output_type not in ("nifti", "dicom_seg"):
-        raise ConfigError(f"--output-type must be nifti or dicom_seg, not {output_type!r}")
-    if passport_grid not in ("model", "output"):
-        raise ConfigError(f"--passport-grid must be model or output, not {passport_grid!r}")
+    _check_choice("--output-type", output_type, ("nifti", "dicom_seg"))
+    _check_choice("--passport-grid", passport_grid, PASSPORT_GRIDS)
     if ml and output_type == "nifti" and not output.name.endswith((".nii", ".nii.gz")):
         raise InputError("--ml writes one NIfTI file: its name must end with .nii or .nii.gz", output)
-    check_writable(output, force, folder=not ml and output_type != "dicom_seg")
+    one_file = ml or output_type == "dicom_seg"  # else a folder of per-class masks
+    check_writable(output, force, folder=not one_file)
     if passport is not None:
         check_writable(passport, force)
     if timings is not None:
@@ -155,7 +164,7 @@ def segment_cmd(
     if statistics:
         from .segment.pipeline import statistics_path
 
-        check_writable(statistics_path(output, ml=ml or output_type == "dicom_seg"), force)
+        check_writable(statistics_path(output, ml=one_file), force)
     classes_for(roi_subset)  # fail early on unknown names
     tm = Timings()
     image = load_input(input, tm, series_uid=series_uid)  # validate the input before the (slow) model load
@@ -210,8 +219,7 @@ def model_standin_cmd(
     """Write stand-in fast-model weights (exact architecture, seeded random) in TotalSegmentator's layout."""
     from .model.standin import make_standin
 
-    if plans_format not in ("flat", "architecture"):
-        raise ConfigError(f"--plans-format must be flat or architecture, not {plans_format!r}")
+    _check_choice("--plans-format", plans_format, ("flat", "architecture"))
     folder = make_standin(output, seed=seed, force=force, plans_format=plans_format)  # type: ignore[arg-type]
     _say(quiet, f"Wrote stand-in weights to {folder}")
     _say(quiet, f"Use them with: TOTALSEG_HOME_DIR={output} (TotalSegmentator) or --model {output}")
@@ -395,9 +403,10 @@ def register_cmd(
     from .errors import InputError
     from .io.atomic import check_writable
 
+    from .register.api import TIERS
+
     check_writable(output, force, folder=True)
-    if tier not in ("rigid", "deformable"):
-        raise ConfigError(f"--tier must be rigid or deformable, not {tier!r}")
+    _check_choice("--tier", tier, TIERS)
     passports = fixed is not None or moving is not None
     points = fixed_points is not None or moving_points is not None
     if passports == points:
@@ -767,8 +776,7 @@ def bench_cmd(
     from .bench.runner import BenchSettings, resolve_configs, run_benchmark
     from .io.atomic import check_writable, mark_output_folder
 
-    if passport_speed not in ("quick", "full", "tiny", "off"):
-        raise ConfigError(f"--passport-speed must be quick, full, tiny or off, not {passport_speed!r}")
+    _check_choice("--passport-speed", passport_speed, ("quick", "full", "tiny", "off"))
     if device not in ("cpu", "gpu", "cuda"):
         raise ConfigError(f"--device must be cpu or gpu, not {device!r}")
     from .bench.inputs import collect_inputs, parse_spacing
@@ -848,10 +856,11 @@ def batch_cmd(
     from .segment.pipeline import classes_for
 
     classes_for(roi_subset)
-    if passport_grid not in ("model", "output"):
-        raise ConfigError(f"--passport-grid must be model or output, not {passport_grid!r}")
-    model_arg = None if model is None else str(model) if str(model) == "demo" and not model.exists() \
-        else str(model.resolve())  # `demo`: the embedded demo model, as for `segment`
+    _check_choice("--passport-grid", passport_grid, PASSPORT_GRIDS)
+    from .model.folder import is_demo_alias
+
+    # an absolute path, so that pool and Dask workers find it; `demo` stays the embedded model's name
+    model_arg = None if model is None else str(model) if is_demo_alias(model) else str(model.resolve())
     opts = BatchOptions(model=model_arg, backend=backend,
                         threads=nr_thr or None, passport=passport, passport_grid=passport_grid,
                         passport_normals=normals, roi_subset=tuple(roi_subset) if roi_subset else None)
@@ -980,8 +989,9 @@ def store_register_cmd(
     from .store.db import PassportStore
     from .store.registration import register_studies
 
-    if tier not in ("rigid", "deformable"):
-        raise ConfigError(f"--tier must be rigid or deformable, not {tier!r}")
+    from .register.api import TIERS
+
+    _check_choice("--tier", tier, TIERS)
     check_writable(output, force, folder=True)
     with PassportStore(db, must_exist=True) as store:
         fixed, moving = store.get(fixed_study), store.get(moving_study)

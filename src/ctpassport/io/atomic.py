@@ -53,7 +53,8 @@ def _make_parent(p: Path) -> None:
 
 
 def mark_output_folder(path: str | Path) -> None:
-    """Write :data:`OUTPUT_MARKER` into a folder that ctpassport fills in place (not via :func:`atomic_path`)."""
+    """Write :data:`OUTPUT_MARKER` into a folder output (:func:`atomic_path` does it for the folders it makes;
+    call it for a folder that ctpassport fills in place)."""
     marker = Path(path) / OUTPUT_MARKER
     if not marker.is_file():
         marker.write_text("written by ctpassport; --force may replace this folder's contents\n")
@@ -110,7 +111,7 @@ def atomic_path(path: str | Path, *, is_dir: bool = False, foreign_ok: bool = Fa
     tmp = _tmp_sibling(target, is_dir)
     try:
         if is_dir and not foreign_ok:
-            (tmp / OUTPUT_MARKER).write_text("written by ctpassport; --force may replace this folder as a whole\n")
+            mark_output_folder(tmp)
         yield tmp
         if is_dir:
             if target.exists():

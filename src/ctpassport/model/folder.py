@@ -322,6 +322,11 @@ def _trainer_folder_in(results: Path) -> Path | None:
     return None
 
 
+def is_demo_alias(path: str | Path | None) -> bool:
+    """Whether ``path`` is ``demo`` naming the embedded demo model (and not an existing file or folder)."""
+    return path is not None and str(path) == "demo" and not Path(path).exists()
+
+
 def locate_model(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Path:
     """Find the fast model's trainer folder.
 
@@ -330,7 +335,7 @@ def locate_model(path: str | Path | None = None, environ: dict[str, str] | None 
     ``~/.totalsegmentator`` are searched, like TotalSegmentator does. ``"demo"`` (when no such file or
     folder exists) names the embedded demo model, which does not generalise to real patients.
     """
-    if path is not None and str(path) == "demo" and not Path(path).exists():
+    if is_demo_alias(path):
         from .demo import demo_model_dir
 
         return demo_model_dir()

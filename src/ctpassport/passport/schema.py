@@ -48,11 +48,14 @@ SCHEMA_VERSION = "1.2"  # 1.1: + Passport.warnings, consistency checks on load; 
 Vec3 = tuple[float, float, float]
 Mat3 = tuple[Vec3, Vec3, Vec3]
 
+#: Every model: unknown fields and NaN/inf numbers are validation errors.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
 
 class Source(BaseModel):
     """The image (label map or CT) the passport was made from."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
 
     path: str | None = None
     sha256: str | None = None
@@ -67,7 +70,7 @@ class Grid(BaseModel):
     segmentation model's canonical 3 mm grid inside the pipeline (as the original study did).
     """
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
 
     kind: Literal["output", "model"]
     shape: tuple[int, int, int]
@@ -79,7 +82,7 @@ class Grid(BaseModel):
 class Organ(BaseModel):
     """One label present in the label map. All coordinates world mm, RAS+."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
 
     id: int = Field(ge=1)
     name: str | None = Field(description="TotalSegmentator class name; null for ids it does not know")
@@ -143,7 +146,7 @@ def vec3_array(rows: list[Vec3]) -> np.ndarray:
 class Passport(BaseModel):
     """The passport of one scan. See the module docstring for frames and units."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = _STRICT
 
     schema_version: str = SCHEMA_VERSION
     ctpassport_version: str = __version__

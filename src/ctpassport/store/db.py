@@ -56,12 +56,10 @@ def resolve_db_url(db: str | Path | None = None, *, must_exist: bool = False) ->
     value = str(db) if db is not None else (os.environ.get(DB_ENV) or str(default_db_path()))
     if "://" not in value:
         path = Path(value).expanduser().resolve()
-        if must_exist:
-            if not path.is_file():
-                raise InputError("no such passport store", path, "add passports with `ctpassport store add` first")
-            return f"sqlite:///{path}"
+        if must_exist and not path.is_file():
+            raise InputError("no such passport store", path, "add passports with `ctpassport store add` first")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)  # already there when must_exist
         except OSError as exc:
             raise OutputError(f"cannot create the store's folder ({exc.strerror or exc})", path) from None
         return f"sqlite:///{path}"
