@@ -12,7 +12,9 @@ Frames and axis order of the returned :class:`DicomImage3D` (an :class:`~ctpassp
 
 * ``data[i, j, k]`` is ``[column, row, slice]`` of the DICOM images: ``i`` runs along the row direction
   cosine (``ImageOrientationPatient[0:3]``), ``j`` along the column direction cosine
-  (``ImageOrientationPatient[3:6]``), ``k`` over the slices sorted by position along their normal;
+  (``ImageOrientationPatient[3:6]``), ``k`` over the slices sorted by position along their normal
+  (an enhanced multi-frame image: ``k`` in the frame order of highdicom's volume, which can be the reverse
+  of the single-frame sort of the same slices; the affine says so, so world positions agree either way);
   values are Hounsfield units (``RescaleSlope``/``RescaleIntercept`` applied);
 * ``affine`` maps those voxel indices to **RAS+** world mm (DICOM's LPS+ patient coordinates with x and y
   negated). Spacing comes from ``PixelSpacing`` and the slice positions (``ImagePositionPatient``), never
