@@ -645,7 +645,7 @@ def demo_cmd(
 @handle_errors
 def model_train_demo_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Trainer folder to write (default: the embedded demo model's folder).")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimiser steps.")] = 1000,
+    steps: Annotated[int, typer.Option("--steps", min=0, help="Optimiser steps (0: only --calibrate the --init-from weights).")] = 1000,
     crop: Annotated[str, typer.Option("--crop", help="Crop size z,y,x (voxels of the 3 mm grid, nnU-Net order; multiples of 16).")] = "32,112,128",
     crop_start: Annotated[str | None, typer.Option("--crop-start", help="Other crops z,y,x for the first --crop-switch of the steps.")] = None,
     crop_switch: Annotated[float, typer.Option("--crop-switch", min=0.0, max=1.0, help="Fraction of the steps trained on --crop-start crops.")] = 0.0,
@@ -664,6 +664,7 @@ def model_train_demo_cmd(
     focus: Annotated[str | None, typer.Option("--focus", help="Crop centres: multiply these classes' odds, e.g. kidney_right=4,spleen=2.")] = None,
     hard_negatives: Annotated[float, typer.Option("--hard-negatives", min=0.0, max=1.0, help="Centre this fraction of the crops on voxels the --init-from weights get grossly wrong (hard-example mining).")] = 0.0,
     hard_classes: Annotated[str | None, typer.Option("--hard-classes", help="Mine only errors naming or missing these classes, e.g. spleen,stomach.")] = None,
+    calibrate: Annotated[str | None, typer.Option("--calibrate", help="After the steps, fit the output biases of background and these classes (e.g. liver,spleen, or all) to the training volumes' Dice.")] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Measure Dice per source and write MODEL_CARD.md.")] = True,
     evaluate_only: Annotated[bool, typer.Option("--evaluate-only", help="Only evaluate an existing model and rewrite its card.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing model.")] = False,
@@ -696,7 +697,9 @@ def model_train_demo_cmd(
                           init_from=str(init_from) if init_from else None, class_power=class_power,
                           ce_class_power=ce_class_power, hard_negatives=hard_negatives,
                           hard_classes=tuple(c.strip() for c in hard_classes.split(",") if c.strip())
-                          if hard_classes else ())
+                          if hard_classes else (), calibrate=calibrate is not None,
+                          calibrate_classes=tuple(c.strip() for c in (calibrate or "").split(",")
+                                                  if c.strip() and c.strip() != "all"))
         if source_weights:
             try:
                 sw = [float(v) for v in source_weights.split(",")]

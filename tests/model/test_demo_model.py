@@ -32,8 +32,8 @@ HELDOUT_SEED = 0
 LARGE_ORGAN_DICE = 0.9
 PARITY_MEAN_DICE = 0.995
 #: Held-out Dice the shipped model reaches (measured, MODEL_CARD.md); the issue's bar is LARGE_ORGAN_DICE.
-SHIPPED_FLOORS = {"lung_left": 0.94, "lung_right": 0.95, "liver": 0.9, "heart": 0.92, "stomach": 0.88,
-                  "kidney_left": 0.9, "kidney_right": 0.92, "spleen": 0.77, "urinary_bladder": 0.91}
+SHIPPED_FLOORS = {"lung_left": 0.96, "lung_right": 0.96, "liver": 0.92, "heart": 0.93, "stomach": 0.92,
+                  "kidney_left": 0.92, "kidney_right": 0.93, "spleen": 0.9, "urinary_bladder": 0.92}
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +95,9 @@ def test_heldout_phantom_figures_are_the_stated_ones(heldout_large: dict[str, fl
         assert heldout_large[name] >= floor, (name, heldout_large[name])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 6 bar not met by the shipped demo model (2-core CPU training "
-                   "budget): see MODEL_CARD.md; retrain with `ctpassport model train-demo --init-from`")
 def test_heldout_phantom_large_organs_issue_bar(heldout_large: dict[str, float]) -> None:
+    """Issue 6's bar on held-out seed 0 (met since the head-bias calibration; on seed 1 the card states 15 of the
+    18 organ/phantom pairs: spleen, stomach and bladder stay below 0.9 there)."""
     low = {k: round(v, 3) for k, v in heldout_large.items() if v < LARGE_ORGAN_DICE}
     assert not low, f"large organs below Dice {LARGE_ORGAN_DICE} on held-out phantom {HELDOUT_SEED}: {low}"
 
@@ -445,11 +445,17 @@ def test_shipped_training_record(evaluation: dict) -> None:
         c = stage["config"]
         assert heldout.isdisjoint(range(c["phantom_seed0"], c["phantom_seed0"] + c["n_phantoms"])), c
         stage = stage.get("previous")
-    losses = [h[1] for h in rec["history"]]
-    tenth = max(1, len(losses) // 10)
-    # the loss went down: by 10 % in a stage trained from scratch, at all in a further (fine-tuning) stage
-    factor = 1.0 if cfg.get("init_from") else 0.9
-    assert len(losses) > 10 and np.mean(losses[-tenth:]) < factor * np.mean(losses[:tenth])
+    if cfg["steps"] == 0:  # a calibration stage: no optimiser steps, only the output biases fitted
+        cal = rec["calibration"]
+        assert cfg["init_from"] and cfg["calibrate"] and not rec["history"]
+        assert cal["objective_after"] > cal["objective_before"] and cal["shifts"]
+        assert all(abs(v) <= cal["bound"] for v in cal["shifts"].values())
+    else:
+        losses = [h[1] for h in rec["history"]]
+        tenth = max(1, len(losses) // 10)
+        # the loss went down: by 10 % in a stage trained from scratch, at all in a further (fine-tuning) stage
+        factor = 1.0 if cfg.get("init_from") else 0.9
+        assert len(losses) > 10 and np.mean(losses[-tenth:]) < factor * np.mean(losses[:tenth])
     assert rec["intensity"]["std"] > 0
     for src in ("example_ct_sm", "example_ct_slab", f"phantom_heldout_seed{HELDOUT_SEED}"):
         assert evaluation[src]["mean_dice"] is not None
@@ -471,3 +477,113 @@ def test_model_card_is_written_from_the_training_record(tmp_path: Path, evaluati
     (d / "training.json").write_text(json.dumps(rec))
     card = write_model_card(d, evaluation).read_text()
     assert "hard-example mining 7.7 min, training" in card
+    # a calibration stage (no steps) says so, states its shifts and time, and its reproduce line carries them;
+    # the stage after it names the calibration among the earlier stages
+    rec["config"].update(steps=0, calibrate=True, calibrate_classes=["spleen", "liver"])
+    rec["seconds"]["calibrate"] = 600.0
+    rec["calibration"] = {"classes": ["background", "spleen", "liver"], "shifts": {"spleen": -1.5, "liver": 0.25},
+                          "objective_before": 0.5, "objective_after": 0.52, "volumes": 26, "bound": 3.0}
+    (d / "training.json").write_text(json.dumps(rec))
+    card = write_model_card(d, evaluation).read_text()
+    assert "No optimiser steps in this stage" in card and "0.5000 -> 0.5200" in card
+    assert "Shifts: spleen -1.5, liver +0.25." in card and "calibration 10.0 min" in card
+    assert "--steps 0 " in card and "--calibrate spleen,liver " in card
+    later = {**rec, "config": {**rec["config"], "steps": 100, "calibrate": False}, "previous": rec}
+    later.pop("calibration")
+    (d / "training.json").write_text(json.dumps(later))
+    assert "100 steps of" in (card := write_model_card(d, evaluation).read_text())
+    assert "0 steps then head-bias calibration (3 biases; training mean Dice 0.5000 -> 0.5200)" in card
+
+
+def _calibration_volumes(offset: float) -> tuple[list, np.ndarray]:
+    """Two volumes of 3 classes whose logits favour class 1 by ``offset`` everywhere (an over-predicted class);
+    the reference is the clean argmax of the logits without the offset."""
+    from ctpassport.model.train import calibration_volume
+
+    rng = np.random.default_rng(0)
+    vols, refs = [], []
+    for n in (4000, 6000):
+        clean = rng.normal(0.0, 1.0, (3, n)).astype(np.float32)
+        ref = np.argmax(clean, axis=0)
+        biased = clean.copy()
+        biased[1] += offset
+        vols.append(calibration_volume(biased, ref, bound=3.0, k=3))
+        refs.append(ref)
+    return vols, np.concatenate(refs)
+
+
+def test_fit_class_biases_undoes_a_known_offset() -> None:
+    """A class whose logits are raised by 0.75 is over-predicted; the fitted shift brings it back (within the
+    0.25 grid the coordinate ascent reaches) and the objective (mean Dice) rises to ~1."""
+    from ctpassport.model.train import fit_class_biases
+
+    vols, _ = _calibration_volumes(0.75)
+    shift, before, after = fit_class_biases(vols, [0, 1, 2], bound=3.0)
+    relative = shift[1] - (shift[0] + shift[2]) / 2  # only differences between classes change an argmax
+    assert relative == pytest.approx(-0.75, abs=0.15)
+    assert before < 0.9 and after > 0.97 and after > before
+    # only the free classes move, within the bound
+    shift, _, after_one = fit_class_biases(vols, [1], bound=0.5)
+    assert shift[0] == shift[2] == 0.0 and -0.5 <= shift[1] < 0 and before < after_one <= after
+
+
+def test_calibration_volume_keeps_certain_voxels_as_counts() -> None:
+    from ctpassport.model.train import calibration_volume
+
+    logits = np.array([[10.0, 0.0, 0.0, 1.0], [0.0, 10.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.9]], dtype=np.float32)
+    ref = np.array([0, 2, 1, 2])
+    v = calibration_volume(logits, ref, bound=1.0, k=2)
+    assert v.counts.tolist() == [[1, 1, 2], [1, 1, 0], [1, 0, 0]]  # voxels 0 and 1 are certain (margin >= 2)
+    assert v.reference.tolist() == [1, 2]
+    assert v.classes.tolist() == [[1, 0], [0, 2]] and v.values[:, 0].tolist() == [0.5, 1.0]
+
+
+def test_calibrate_head_biases_shifts_the_output_layer(tmp_path: Path) -> None:
+    """The fitted shifts land in the last segmentation layer's bias of the active classes, and the network's
+    new argmax is the one the fit predicted (a one-patch volume: the sliding window is the plain forward)."""
+    torch = pytest.importorskip("torch")
+    from ctpassport.model.folder import FAST_CONFIGURATION, parse_architecture
+    from ctpassport.model.network import build_network
+    from ctpassport.model.standin import FAST_INTENSITY
+    from ctpassport.model.train import Sample, _ActiveHead, calibrate_head_biases, demo_plans
+
+    plans = demo_plans(FAST_INTENSITY)
+    patch = tuple(int(v) for v in plans["configurations"][FAST_CONFIGURATION]["patch_size"])
+    torch.manual_seed(0)
+    net = build_network(parse_architecture(plans["configurations"][FAST_CONFIGURATION], Path("p")), 1, 118)
+    active = [0, 1, 5]
+    heads = [_ActiveHead(net.decoder.seg_layers[-1], active)]
+    img = np.random.default_rng(0).normal(0, 1, patch).astype(np.float32)
+    lab = np.zeros(patch, dtype=np.uint8)
+    lab[20:80, 20:80, 20:80] = 5
+    lab[40:60, 40:60, 40:60] = 1
+    before = net.decoder.seg_layers[-1].bias.detach().clone()
+    logs: list[str] = []
+    rec = calibrate_head_biases(net, heads, active, [Sample("s", "x", img, lab, None)], patch, [1, 5],
+                                log=logs.append)
+    after = net.decoder.seg_layers[-1].bias.detach()
+    moved = (after - before).numpy()
+    assert np.count_nonzero(moved[[k for k in range(118) if k not in active]]) == 0
+    assert rec["objective_after"] >= rec["objective_before"] and rec["classes"] == ["background", "spleen", "liver"]
+    assert rec["shifts"] == {n: pytest.approx(float(moved[k]), abs=1e-6) for n, k in
+                             (("background", 0), ("spleen", 1), ("liver", 5)) if moved[k]}
+    with torch.no_grad():
+        out = net.eval()(torch.from_numpy(img[None, None]))[0, active].numpy()
+    pred = np.asarray(active)[np.argmax(out, axis=0)]
+    got = np.mean([2 * np.sum((pred == k) & (lab == k)) / (np.sum(pred == k) + np.sum(lab == k)) for k in active])
+    assert got == pytest.approx(rec["objective_after"], abs=2e-3)
+    assert "head-bias calibration" in logs[-1]
+
+
+def test_a_stage_without_steps_needs_calibration_and_weights(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from ctpassport.errors import InputError
+    from ctpassport.model.train import TrainConfig, train_demo
+
+    with pytest.raises(InputError, match="--calibrate and --init-from"):
+        train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(steps=0), work_dir=tmp_path / "w")
+    with pytest.raises(InputError, match="--calibrate and --init-from"):
+        train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(steps=0, calibrate=True), work_dir=tmp_path / "w")
+    with pytest.raises(InputError, match="unknown classes: splen"):
+        train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(calibrate=True, calibrate_classes=("splen",)),
+                   work_dir=tmp_path / "w")

@@ -99,8 +99,10 @@ def test_backend_dice_on_demo_model(backend: str, demo_home: Path, example_ct: P
                       "voxel_agreement": a["voxel_agreement"], "organs": a["organs_reference"],
                       "missing": a["organs_missing"], "extra": a["organs_extra"], "bar": bar}))
     assert a["organs_reference"] > 0
-    # measured on the shipped demo model (2026-12-06, openvino 2026.4.1): openvino-bf16 with its first block and
+    # measured on the eleven-stage demo model (2026-12-06, openvino 2026.4.1): openvino-bf16 with its first block and
     # its whole last decoder stage in fp32: mean Dice (>= 1 ml) 0.9912, voxel agreement 0.99900 (with only the
     # last 3x3x3 block and the output layer in fp32 0.9897 / 0.99893 on this install, 0.9909 on an earlier
-    # one: below the bar). OpenVINO fp32 0.9973, ONNX Runtime 0.9996.
+    # one: below the bar). OpenVINO fp32 0.9973, ONNX Runtime 0.9996. The head-bias calibrated model shipped on
+    # 2026-12-07 (same AMD EPYC): bf16 0.9902 / 0.99893 (a margin of 0.0002), OpenVINO fp32 0.9971, ONNX Runtime
+    # 0.9996. A retrained or recalibrated model must be checked against this bar before it ships.
     assert a["mean_dice_1ml"] >= bar, a

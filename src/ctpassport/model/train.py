@@ -26,6 +26,13 @@ learning rate (8 features feed 85 logits: with one step size the network commits
 nnU-Net's SGD as an option. bf16
 autocast on CPUs that support it. Deterministic for a seed, torch build and thread count (crops are drawn from
 ``default_rng([seed, step])``, so a resumed run continues identically).
+
+``calibrate`` (``--calibrate``) ends a stage with a head-bias calibration (:func:`calibrate_head_biases`): the
+network runs over every training volume as inference runs it, and the output layer's bias of background and the
+named classes is shifted to maximise the mean Dice of its own predictions there (a prior correction: crops centred
+by class and ``--focus`` show the network some organs more often than inference does, and an over-predicted organ
+sprays false voxels far from itself). ``--steps 0 --calibrate ... --init-from X`` calibrates trained weights
+without training them further. Only training volumes are used; the held-out phantoms stay held out.
 """
 
 from __future__ import annotations
@@ -87,6 +94,9 @@ class TrainConfig:
     # (mined once before training; needs init_from; see gross_errors)
     hard_negatives: float = 0.0
     hard_classes: tuple[str, ...] = ()  # mine only the errors that name or miss these classes (empty: all)
+    # after the steps, fit the output layer's biases on the training volumes (see calibrate_head_biases)
+    calibrate: bool = False
+    calibrate_classes: tuple[str, ...] = ()  # the classes whose bias is fitted, besides background (empty: all)
 
 
 @dataclass
@@ -402,7 +412,6 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
 
         raise OutputExistsError(out / "fold_0" / CHECKPOINT_NAME)
     work = Path(work_dir) if work_dir else out.parent / f".{out.name}.train"
-    work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, cfg.threads))
     for c in (cfg.crop, cfg.crop_start or cfg.crop):
         if len(c) != 3 or any(int(v) % 16 or int(v) < 16 for v in c):
@@ -416,6 +425,12 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     if cfg.hard_negatives > 0 and not cfg.init_from:
         raise InputError("--hard-negatives mines the errors of trained weights: give --init-from a trained model")
     _check_class_names("--hard-classes", cfg.hard_classes)
+    _check_class_names("--calibrate", cfg.calibrate_classes)
+    if cfg.steps < 0 or (cfg.steps == 0 and not (cfg.calibrate and cfg.init_from)):
+        raise InputError(f"--steps {cfg.steps}: a stage without optimiser steps only calibrates trained weights"
+                         " (give --calibrate and --init-from)" if cfg.steps == 0 else
+                         f"--steps {cfg.steps} must not be negative")
+    work.mkdir(parents=True, exist_ok=True)  # after the checks: a refused recipe leaves nothing behind
     t_start = time.perf_counter()
     samples, props, t_made = _cached_data(cfg, Path(ct_dir), work, log)
     t_data = time.perf_counter() - t_start if t_made is None else t_made
@@ -441,7 +456,8 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
             raise ModelError(f"cannot start from these weights ({str(exc).splitlines()[0][:120]})", src) from None
         if (src / "training.json").is_file():
             rec = json.loads((src / "training.json").read_text(encoding="utf-8"))
-            previous = {k: rec.get(k) for k in ("config", "seconds", "final_loss", "previous", "torch", "threads")}
+            previous = {k: rec.get(k) for k in ("config", "seconds", "final_loss", "previous", "torch", "threads",
+                                                "calibration")}
         log(f"initialised from {src}")
     n_heads = min(4, len(net.decoder.stages)) if cfg.deep_supervision else 1
     seg_layers = list(net.decoder.seg_layers)[-n_heads:]
@@ -552,6 +568,13 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
                 torch.save({"cfg": cfg_key, "net": net.state_dict(), "opt": opt.state_dict(), "step": done,
                             "history": history}, tmp)
     t_train = time.perf_counter() - t_loop
+    calibration, t_cal = None, None
+    if cfg.calibrate:
+        t0 = time.perf_counter()
+        patch = tuple(int(v) for v in plans["configurations"][FAST_CONFIGURATION]["patch_size"])
+        calibration = calibrate_head_biases(net, heads, active, samples, patch,
+                                            [NAME_TO_ID[n] for n in cfg.calibrate_classes], log=log)
+        t_cal = time.perf_counter() - t0
     # inactive classes: never predicted
     with torch.no_grad():
         conv = net.decoder.seg_layers[-1]
@@ -563,10 +586,12 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
         "ctpassport_demo": {
             "config": asdict(cfg), "active_classes": active, "intensity": props,
             "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
-                        **({"mine": round(t_mine, 1)} if t_mine is not None else {})},
+                        **({"mine": round(t_mine, 1)} if t_mine is not None else {}),
+                        **({"calibrate": round(t_cal, 1)} if t_cal is not None else {})},
             "torch": str(torch.__version__), "threads": cfg.threads, "bf16": use_bf16,
             "final_loss": float(np.mean([h[1] for h in history[-50:]])) if history else None,
             "previous": previous,
+            **({"calibration": calibration} if calibration is not None else {}),
         }
     }
     tmp_dir = out.parent / f".{out.name}.new"
@@ -665,6 +690,161 @@ def mine_hard_voxels(net: Any, heads: list[_ActiveHead], active: list[int], samp
     log(f"hard examples: {total} grossly wrong voxels in {len(mined)} of {len(samples)} volumes; named most often: "
         + ", ".join(f"{TOTAL_CLASSES.get(k, 'background')} {n / max(total, 1):.0%}" for k, n in top))
     return mined
+
+
+@dataclass
+class CalibrationVolume:
+    """One training volume's evidence for :func:`fit_class_biases` (classes as indices into the active list).
+
+    ``counts``: (3, n_active) int64: reference voxels per class, then predicted voxels and correct voxels per
+    class among the *certain* voxels (top-1 logit ahead of the second by at least ``2 * bound``: no shift within
+    the bound can change them). ``values`` / ``classes``: (n, k) float32 logits and int16 class indices of the
+    other (uncertain) voxels, largest first; ``reference``: (n,) their reference class."""
+
+    counts: np.ndarray
+    values: np.ndarray
+    classes: np.ndarray
+    reference: np.ndarray
+
+
+def calibration_volume(logits: np.ndarray, reference: np.ndarray, *, bound: float, k: int = 5) -> CalibrationVolume:
+    """Reduce ``logits`` (n_active, n) float32 of n voxels and their ``reference`` (n,) class indices to a
+    :class:`CalibrationVolume` (the ``k`` largest logits of each uncertain voxel)."""
+    n_active = logits.shape[0]
+    k = min(k, n_active)
+    idx = np.argpartition(-logits, k - 1, axis=0)[:k].T if k < n_active else np.tile(np.arange(n_active), (
+        logits.shape[1], 1))
+    val = np.take_along_axis(logits.T, idx, axis=1)
+    order = np.argsort(-val, axis=1, kind="stable")
+    val = np.take_along_axis(val, order, axis=1).astype(np.float32)
+    idx = np.take_along_axis(idx, order, axis=1).astype(np.int16)
+    certain = (val[:, 0] - val[:, 1] >= 2 * bound) if k > 1 else np.ones(len(val), dtype=bool)
+    pred, ref = idx[certain, 0], reference[certain]
+    counts = np.stack([np.bincount(reference, minlength=n_active), np.bincount(pred, minlength=n_active),
+                       np.bincount(pred[pred == ref], minlength=n_active)]).astype(np.int64)
+    return CalibrationVolume(counts, np.ascontiguousarray(val[~certain]), np.ascontiguousarray(idx[~certain]),
+                             reference[~certain].astype(np.int16))
+
+
+def fit_class_biases(volumes: list[CalibrationVolume], free: list[int], *, bound: float = 3.0,
+                     deltas: tuple[float, ...] = (-1.0, -0.5, -0.25, -0.1, 0.1, 0.25, 0.5, 1.0),
+                     rounds: int = 8) -> tuple[np.ndarray, float, float]:
+    """Shifts of the output logits (one per active class; nonzero only for the indices in ``free``, each
+    within +-``bound``) that maximise the mean over volumes of the mean Dice over the classes each volume's
+    reference holds, by coordinate ascent: each round tries every shift in ``deltas`` on each free class in
+    turn and keeps the best that raises the objective; stops after ``rounds`` or a round without a change.
+    Returns ``(shifts, objective before, objective after)``. Exact for shifts within the bound as long as a
+    voxel's winner stays among its k stored logits (the certain voxels cannot change: see
+    :class:`CalibrationVolume`)."""
+    n_active = volumes[0].counts.shape[1]
+    ref_n = np.stack([v.counts[0] for v in volumes]).astype(np.float64)
+    pred_n = np.stack([v.counts[1] for v in volumes]).astype(np.float64)
+    true_n = np.stack([v.counts[2] for v in volumes]).astype(np.float64)
+    present = ref_n > 0
+    n_present = np.maximum(present.sum(1), 1)
+    values = np.concatenate([v.values for v in volumes])
+    classes = np.concatenate([v.classes for v in volumes]).astype(np.int64)
+    reference = np.concatenate([v.reference for v in volumes]).astype(np.int64)
+    vol = np.concatenate([np.full(len(v.reference), i) for i, v in enumerate(volumes)])
+    shift = np.zeros(n_active)
+
+    def predict(sel: np.ndarray) -> np.ndarray:
+        s = values[sel] + shift[classes[sel]]
+        return classes[sel][np.arange(len(s)), s.argmax(1)]
+
+    def counted(v: np.ndarray, c: np.ndarray) -> np.ndarray:  # voxels per (volume, class)
+        return np.bincount(v * n_active + c, minlength=ref_n.size).reshape(ref_n.shape)
+
+    def objective(pred_c: np.ndarray, true_c: np.ndarray) -> float:
+        dice = np.where(present, 2 * true_c / np.maximum(pred_c + ref_n, 1), 0.0)
+        return float(np.mean(dice.sum(1) / n_present))
+
+    cur = predict(np.arange(len(reference)))
+    hit = cur == reference
+    pred_n += counted(vol, cur)
+    true_n += counted(vol[hit], cur[hit])
+    start = best = objective(pred_n, true_n)
+    where = {c: np.nonzero((classes == c).any(1))[0] for c in free}
+    for _ in range(rounds):
+        changed = False
+        for c in free:
+            sel = where[c]
+            if not len(sel):
+                continue
+            old, ref, vv = cur[sel], reference[sel], vol[sel]
+            pick = None
+            for d in deltas:
+                if abs(shift[c] + d) > bound + 1e-9:
+                    continue
+                shift[c] += d
+                new = predict(sel)
+                shift[c] -= d
+                ch = new != old
+                if not ch.any():
+                    continue
+                lost, won = ch & (old == ref), ch & (new == ref)
+                p2 = pred_n - counted(vv[ch], old[ch]) + counted(vv[ch], new[ch])
+                t2 = true_n - counted(vv[lost], old[lost]) + counted(vv[won], new[won])
+                obj = objective(p2, t2)
+                if obj > best + 1e-7 and (pick is None or obj > pick[0]):
+                    pick = (obj, d, new, p2, t2)
+            if pick is not None:
+                best, d, new, pred_n, true_n = pick
+                shift[c] += d
+                cur[sel] = new
+                changed = True
+        if not changed:
+            break
+    return shift, start, best
+
+
+def calibrate_head_biases(net: Any, heads: list[_ActiveHead], active: list[int], samples: list[Sample],
+                          patch: tuple[int, ...], classes: list[int], *, log: Callable[[str], None],
+                          bound: float = 3.0) -> dict[str, Any]:
+    """Fit the output layer's bias of background and ``classes`` (TotalSegmentator ids; every active class
+    when empty) on the training volumes and add the shifts to ``net``'s last segmentation layer.
+
+    The network runs in float32 (sliding window, step 0.8, nnU-Net order, as at inference) over every sample;
+    a constant added to a class's logits passes unchanged through the Gaussian averaging, so the fit
+    (:func:`fit_class_biases`, on the loss-masked voxels) predicts exactly what the shifted network does.
+    Returns the record the model card states (shifts by class name, objective before and after)."""
+    import torch
+
+    from ..segment.sliding_window import sliding_window_logits
+    from .classes import TOTAL_CLASSES
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return _forward_active(net, torch.from_numpy(x), heads)[-1].float().numpy()
+
+    to_index = np.full(256, -1, dtype=np.int64)
+    to_index[active] = np.arange(len(active))
+    was_training = net.training
+    net.eval()
+    volumes = []
+    try:
+        for i, smp in enumerate(samples):
+            t0 = time.perf_counter()
+            logits = sliding_window_logits(smp.image[None].astype(np.float32), predict, patch, len(active),
+                                           step=0.8, accumulate="fp32")
+            ref = to_index[smp.labels]
+            keep = smp.mask if smp.mask is not None else np.ones(smp.labels.shape, dtype=bool)
+            volumes.append(calibration_volume(logits[:, keep], ref[keep], bound=bound))
+            del logits
+            log(f"calibration logits {smp.name} ({i + 1}/{len(samples)}) in {time.perf_counter() - t0:.1f} s")
+    finally:
+        net.train(was_training)
+    free = [0] + [int(to_index[k]) for k in (classes or active[1:]) if k > 0 and to_index[k] >= 0]
+    shift, before, after = fit_class_biases(volumes, free, bound=bound)
+    with torch.no_grad():
+        conv = net.decoder.seg_layers[-1]
+        conv.bias[torch.tensor(active)] += torch.tensor(shift, dtype=conv.bias.dtype)
+    shifts = {TOTAL_CLASSES.get(active[i], "background"): round(float(shift[i]), 3) for i in free if shift[i]}
+    log(f"head-bias calibration: mean training Dice {before:.4f} -> {after:.4f}; shifts "
+        + ", ".join(f"{n} {v:+g}" for n, v in shifts.items()))
+    return {"classes": [TOTAL_CLASSES.get(active[i], "background") for i in free], "shifts": shifts,
+            "objective_before": round(before, 5), "objective_after": round(after, 5), "volumes": len(volumes),
+            "bound": bound}
 
 
 def select_hard_voxels(mined: dict[str, np.ndarray], labels: dict[str, np.ndarray],
@@ -880,6 +1060,23 @@ def _mine_text(seconds: dict[str, float]) -> str:
     return f" hard-example mining {seconds['mine'] / 60:.1f} min," if "mine" in seconds else ""
 
 
+def _calibration_text(cal: dict[str, Any] | None) -> str:
+    if not cal:
+        return ""
+    shifts = ", ".join(f"{n} {v:+g}" for n, v in sorted(cal["shifts"].items(), key=lambda kv: -abs(kv[1])))
+    return (f"* Head-bias calibration after the steps: the output layer's bias of background and"
+            f" {len(cal['classes']) - 1} classes shifted (each within +-{cal['bound']:g}) to maximise the mean"
+            f" Dice of the network's own predictions on the {cal['volumes']} training volumes (float32 sliding"
+            f" window as at inference; coordinate ascent); that mean Dice {cal['objective_before']:.4f} ->"
+            f" {cal['objective_after']:.4f}. No held-out volume was used. Shifts: {shifts or 'none'}.")
+
+
+def _calibrate_option(cfg: dict[str, Any]) -> str:
+    if not cfg.get("calibrate"):
+        return ""
+    return " --calibrate " + (",".join(cfg.get("calibrate_classes") or []) or "all")
+
+
 def _hard_text(cfg: dict[str, Any]) -> str:
     frac = float(cfg.get("hard_negatives", 0.0))
     which = cfg.get("hard_classes") or []
@@ -938,9 +1135,15 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
         (f"* {cfg['steps']} steps of {_optimizer_text(cfg)}, cross-entropy + soft Dice"
          f"{' with deep supervision (1, 1/2, 1/4, 1/8 resolution)' if cfg.get('deep_supervision') else ''},"
          f" head biases started at the log class frequencies: {bool(cfg.get('prior_bias'))}, bf16 autocast:"
-         f" {train['bf16']}, {train['threads']} CPU threads, torch {train['torch']}, seed {cfg['seed']}."),
+         f" {train['bf16']}, {train['threads']} CPU threads, torch {train['torch']}, seed {cfg['seed']}."
+         if cfg["steps"] else
+         f"* No optimiser steps in this stage: the earlier stage's weights, calibrated (next line); {train['threads']}"
+         f" CPU threads, torch {train['torch']}."),
+        *([_calibration_text(train.get("calibration"))] if train.get("calibration") else []),
         (f"* Time: data {train['seconds']['data'] / 60:.1f} min,{_mine_text(train['seconds'])} training"
-         f" {train['seconds']['train'] / 60:.1f} min (on a shared 2-core CPU)."),
+         f" {train['seconds']['train'] / 60:.1f} min"
+         f"{', calibration ' + format(train['seconds']['calibrate'] / 60, '.1f') + ' min' if 'calibrate' in train['seconds'] else ''}"
+         " (on a shared 2-core CPU)."),
         (f"* Reproduce: `ctpassport model train-demo --steps {cfg['steps']} --crop {_csv(cfg['crop'])}"
          f"{' --crop-start ' + _csv(cfg['crop_start']) + ' --crop-switch ' + str(cfg['crop_switch']) if cfg.get('crop_start') else ''}"
          f" --optimizer {cfg.get('optimizer', 'adamw')}"
@@ -950,6 +1153,7 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
          f"{' --focus ' + _csv_focus(cfg) if cfg.get('class_focus') else ''}"
          f"{' --hard-negatives ' + format(cfg['hard_negatives'], 'g') if cfg.get('hard_negatives') else ''}"
          f"{' --hard-classes ' + ','.join(cfg['hard_classes']) if cfg.get('hard_classes') else ''}"
+         f"{_calibrate_option(cfg)}"
          f" --phantoms {cfg['n_phantoms']}"
          f"{' --init-from STAGE_BEFORE' if cfg.get('init_from') else ''}"
          f" --seed {cfg['seed']} --threads {cfg['threads']} --force` (writes this folder; bit-identical only with the"
@@ -961,6 +1165,9 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
         pc = prev["config"]
         done = (f"{pc['stopped_at']} steps (stopped early, of a {pc['steps']}-step schedule)" if pc.get("stopped_at")
                 else f"{pc['steps']} steps")
+        if prev.get("calibration"):
+            done += (f" then head-bias calibration ({len(prev['calibration']['classes'])} biases; training mean Dice"
+                     f" {prev['calibration']['objective_before']:.4f} -> {prev['calibration']['objective_after']:.4f})")
         lines.append(f"* Earlier stage (this one started from its weights): {done}, crops "
                      f"{_crop_text(pc)}, {_optimizer_text(pc)}, crop-centre class power {pc.get('class_power', 0.0):g}"
                      f"{_focus_text(pc)}{_hard_text(pc)},"
