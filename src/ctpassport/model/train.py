@@ -1060,11 +1060,9 @@ def _mine_text(seconds: dict[str, float]) -> str:
     return f" hard-example mining {seconds['mine'] / 60:.1f} min," if "mine" in seconds else ""
 
 
-def _calibration_text(cal: dict[str, Any] | None) -> str:
-    if not cal:
-        return ""
+def _calibration_text(cal: dict[str, Any], steps: int) -> str:
     shifts = ", ".join(f"{n} {v:+g}" for n, v in sorted(cal["shifts"].items(), key=lambda kv: -abs(kv[1])))
-    return (f"* Head-bias calibration after the steps: the output layer's bias of background and"
+    return (f"* Head-bias calibration{' after the steps' if steps else ''}: the output layer's bias of background and"
             f" {len(cal['classes']) - 1} classes shifted (each within +-{cal['bound']:g}) to maximise the mean"
             f" Dice of the network's own predictions on the {cal['volumes']} training volumes (float32 sliding"
             f" window as at inference; coordinate ascent); that mean Dice {cal['objective_before']:.4f} ->"
@@ -1139,7 +1137,7 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
          if cfg["steps"] else
          f"* No optimiser steps in this stage: the earlier stage's weights, calibrated (next line); {train['threads']}"
          f" CPU threads, torch {train['torch']}."),
-        *([_calibration_text(train.get("calibration"))] if train.get("calibration") else []),
+        *([_calibration_text(train["calibration"], cfg["steps"])] if train.get("calibration") else []),
         (f"* Time: data {train['seconds']['data'] / 60:.1f} min,{_mine_text(train['seconds'])} training"
          f" {train['seconds']['train'] / 60:.1f} min"
          f"{', calibration ' + format(train['seconds']['calibrate'] / 60, '.1f') + ' min' if 'calibrate' in train['seconds'] else ''}"
