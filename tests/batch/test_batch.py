@@ -201,9 +201,15 @@ def test_ctrl_c_stops_a_local_pool_and_its_workers(batch_in: Path, tiny_model: P
     for name in ("x_big1", "x_big2", "x_big3", "x_big4"):
         save_nifti(make_nifti(big.data, big.affine, big.header), batch_in / f"{name}.nii.gz")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "ctpassport.cli", "batch", str(batch_in), str(out),
-                             "--model", str(tiny_model), "--workers", "2", "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A suite run as a background job of a script has SIGINT ignored, and an ignored signal stays ignored in the
+    # child (where Python then installs no Ctrl-C handler): give the child the default disposition.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "ctpassport.cli", "batch", str(batch_in), str(out),
+                                 "--model", str(tiny_model), "--workers", "2", "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGINT, old)
     try:
         parent = psutil.Process(proc.pid)
         # while the workers start (spawn, imports, model load): where an interrupted pool used to hang
