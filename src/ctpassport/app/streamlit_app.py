@@ -815,7 +815,12 @@ def main() -> None:
             ":material/badge: Passport",
             ":material/compare: Registration",
             ":material/download: Downloads",
-        ]
+        ],
+        # keyed and tracked: the selected tab survives reruns even when the elements above the tabs differ
+        # between runs (e.g. the segmentation progress box of the run that segmented), which otherwise re-creates
+        # the tabs on the first one -- a click on Register would land the user back on the viewer
+        key="main_tabs",
+        on_change="rerun",
     )
     with tabs[0]:
         viewer_panel(ss)
