@@ -690,16 +690,17 @@ def model_train_demo_cmd(
                 raise CTPassportError(f"crop {text!r} must be one or three integers (z,y,x)")
             return vals
 
+        def class_names(text: str | None) -> tuple[str, ...]:
+            return tuple(c.strip() for c in (text or "").split(",") if c.strip())
+
         cfg = TrainConfig(seed=seed, steps=steps, crop=zyx(crop), crop_start=zyx(crop_start) if crop_start else None,
                           crop_switch=crop_switch,
                           batch=batch, optimizer=optimizer, lr=lr, head_lr_mult=head_lr_mult, n_phantoms=phantoms,
                           threads=threads,
                           init_from=str(init_from) if init_from else None, class_power=class_power,
                           ce_class_power=ce_class_power, hard_negatives=hard_negatives,
-                          hard_classes=tuple(c.strip() for c in hard_classes.split(",") if c.strip())
-                          if hard_classes else (), calibrate=calibrate is not None,
-                          calibrate_classes=tuple(c.strip() for c in (calibrate or "").split(",")
-                                                  if c.strip() and c.strip() != "all"))
+                          hard_classes=class_names(hard_classes), calibrate=calibrate is not None,
+                          calibrate_classes=tuple(n for n in class_names(calibrate) if n != "all"))
         if source_weights:
             try:
                 sw = [float(v) for v in source_weights.split(",")]

@@ -41,7 +41,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -647,18 +647,14 @@ def gross_errors(pred: np.ndarray, labels: np.ndarray, mask: np.ndarray | None =
     return np.argwhere(gross)
 
 
-def mine_hard_voxels(net: Any, heads: list[_ActiveHead], active: list[int], samples: list[Sample],
-                     patch: tuple[int, ...], *, bf16: bool, log: Callable[[str], None],
-                     margin: int = 2) -> dict[str, np.ndarray]:
-    """Run ``net`` (sliding window, step 0.8, nnU-Net order) over every training volume and return, per sample
-    name, its :func:`gross_errors` as (n, 4) int32 rows: voxel indices and the class the network named there
-    (samples without any are left out). Logs the classes the network names wrongly most often."""
+def _volume_logits(net: Any, heads: list[_ActiveHead], n_active: int, samples: list[Sample], patch: tuple[int, ...],
+                   *, bf16: bool) -> Iterator[tuple[Sample, np.ndarray]]:
+    """Each sample with ``net``'s logits of the ``n_active`` active classes over it (sliding window as at inference:
+    step 0.8, nnU-Net order, float32 sums; bf16 autocast if asked); the network is in eval mode meanwhile and
+    back in its own mode after."""
     import torch
 
-    from ..segment.sliding_window import argmax_channels, sliding_window_logits
-    from .classes import TOTAL_CLASSES
-
-    active_arr = np.asarray(active)
+    from ..segment.sliding_window import sliding_window_logits
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -666,25 +662,39 @@ def mine_hard_voxels(net: Any, heads: list[_ActiveHead], active: list[int], samp
 
     was_training = net.training
     net.eval()
-    mined: dict[str, np.ndarray] = {}
-    by_class: dict[int, int] = {}
     try:
-        for i, smp in enumerate(samples):
-            t0 = time.perf_counter()
-            logits = sliding_window_logits(smp.image[None].astype(np.float32), predict, patch, len(active),
-                                           step=0.8, accumulate="fp32")
-            pred = active_arr[argmax_channels(logits)].astype(smp.labels.dtype)
-            idx = gross_errors(pred, smp.labels, smp.mask, margin=margin)
-            if len(idx):
-                named = pred[tuple(idx.T)]
-                mined[smp.name] = np.column_stack([idx, named]).astype(np.int32)
-                u, c = np.unique(named, return_counts=True)
-                for k, n in zip(u, c):
-                    by_class[int(k)] = by_class.get(int(k), 0) + int(n)
-            log(f"mined {smp.name} ({i + 1}/{len(samples)}): {len(idx)} grossly wrong voxels in"
-                f" {time.perf_counter() - t0:.1f} s")
+        for smp in samples:
+            yield smp, sliding_window_logits(smp.image[None].astype(np.float32), predict, patch, n_active,
+                                             step=0.8, accumulate="fp32")
     finally:
         net.train(was_training)
+
+
+def mine_hard_voxels(net: Any, heads: list[_ActiveHead], active: list[int], samples: list[Sample],
+                     patch: tuple[int, ...], *, bf16: bool, log: Callable[[str], None],
+                     margin: int = 2) -> dict[str, np.ndarray]:
+    """Run ``net`` (sliding window, step 0.8, nnU-Net order) over every training volume and return, per sample
+    name, its :func:`gross_errors` as (n, 4) int32 rows: voxel indices and the class the network named there
+    (samples without any are left out). Logs the classes the network names wrongly most often."""
+    from ..segment.sliding_window import argmax_channels
+    from .classes import TOTAL_CLASSES
+
+    active_arr = np.asarray(active)
+    mined: dict[str, np.ndarray] = {}
+    by_class: dict[int, int] = {}
+    t0 = time.perf_counter()
+    for i, (smp, logits) in enumerate(_volume_logits(net, heads, len(active), samples, patch, bf16=bf16)):
+        pred = active_arr[argmax_channels(logits)].astype(smp.labels.dtype)
+        idx = gross_errors(pred, smp.labels, smp.mask, margin=margin)
+        if len(idx):
+            named = pred[tuple(idx.T)]
+            mined[smp.name] = np.column_stack([idx, named]).astype(np.int32)
+            u, c = np.unique(named, return_counts=True)
+            for k, n in zip(u, c):
+                by_class[int(k)] = by_class.get(int(k), 0) + int(n)
+        log(f"mined {smp.name} ({i + 1}/{len(samples)}): {len(idx)} grossly wrong voxels in"
+            f" {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
     top = sorted(by_class.items(), key=lambda kv: -kv[1])[:8]
     total = sum(by_class.values())
     log(f"hard examples: {total} grossly wrong voxels in {len(mined)} of {len(samples)} volumes; named most often: "
@@ -712,8 +722,7 @@ def calibration_volume(logits: np.ndarray, reference: np.ndarray, *, bound: floa
     :class:`CalibrationVolume` (the ``k`` largest logits of each uncertain voxel)."""
     n_active = logits.shape[0]
     k = min(k, n_active)
-    idx = np.argpartition(-logits, k - 1, axis=0)[:k].T if k < n_active else np.tile(np.arange(n_active), (
-        logits.shape[1], 1))
+    idx = np.argpartition(-logits, k - 1, axis=0)[:k].T
     val = np.take_along_axis(logits.T, idx, axis=1)
     order = np.argsort(-val, axis=1, kind="stable")
     val = np.take_along_axis(val, order, axis=1).astype(np.float32)
@@ -810,30 +819,21 @@ def calibrate_head_biases(net: Any, heads: list[_ActiveHead], active: list[int],
     Returns the record the model card states (shifts by class name, objective before and after)."""
     import torch
 
-    from ..segment.sliding_window import sliding_window_logits
     from .classes import TOTAL_CLASSES
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return _forward_active(net, torch.from_numpy(x), heads)[-1].float().numpy()
 
     to_index = np.full(256, -1, dtype=np.int64)
     to_index[active] = np.arange(len(active))
-    was_training = net.training
-    net.eval()
     volumes = []
-    try:
-        for i, smp in enumerate(samples):
-            t0 = time.perf_counter()
-            logits = sliding_window_logits(smp.image[None].astype(np.float32), predict, patch, len(active),
-                                           step=0.8, accumulate="fp32")
-            ref = to_index[smp.labels]
-            keep = smp.mask if smp.mask is not None else np.ones(smp.labels.shape, dtype=bool)
-            volumes.append(calibration_volume(logits[:, keep], ref[keep], bound=bound))
-            del logits
-            log(f"calibration logits {smp.name} ({i + 1}/{len(samples)}) in {time.perf_counter() - t0:.1f} s")
-    finally:
-        net.train(was_training)
+    t0 = time.perf_counter()
+    for i, (smp, logits) in enumerate(_volume_logits(net, heads, len(active), samples, patch, bf16=False)):
+        ref = to_index[smp.labels]
+        if smp.mask is None:  # every voxel: a view, not a copy of the logits
+            volumes.append(calibration_volume(logits.reshape(len(active), -1), ref.ravel(), bound=bound))
+        else:
+            volumes.append(calibration_volume(logits[:, smp.mask], ref[smp.mask], bound=bound))
+        del logits
+        log(f"calibration logits {smp.name} ({i + 1}/{len(samples)}) in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
     free = [0] + [int(to_index[k]) for k in (classes or active[1:]) if k > 0 and to_index[k] >= 0]
     shift, before, after = fit_class_biases(volumes, free, bound=bound)
     with torch.no_grad():
