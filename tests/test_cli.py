@@ -90,7 +90,7 @@ def test_bad_input_one_line_error_and_no_output(case: str, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("extra,code,message", [
-    (["--passport-grid", "fine", "--ml"], 5, "--passport-grid must be model or output"),
+    (["--passport-grid", "fine", "--ml"], 5, "--passport-grid must be output or model"),
     (["--output-type", "dicom"], 5, "--output-type must be nifti or dicom_seg"),
     (["--ml", "-o", "seg.nrrd"], 2, "must end with .nii or .nii.gz"),
 ])

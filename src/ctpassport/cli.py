@@ -21,9 +21,6 @@ from .errors import ConfigError, CTPassportError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Choices of ``--passport-grid`` (segment, batch): the passport's ``grid.kind``.
-PASSPORT_GRIDS = ("model", "output")
-
 app = typer.Typer(
     name="ctpassport",
     help="TotalSegmentator-exact fast CT segmentation, anatomical passports and passport registration.",
@@ -85,6 +82,13 @@ def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         names = f"{', '.join(allowed[:-1])} or {allowed[-1]}" if len(allowed) > 1 else allowed[0]
         raise ConfigError(f"{option} must be {names}, not {value!r}")
+
+
+def _passport_grids() -> tuple[str, ...]:
+    """Choices of ``--passport-grid`` (segment, batch): the passport schema's ``grid.kind`` values."""
+    from .passport.schema import GRID_KINDS
+
+    return GRID_KINDS
 
 
 def _version_callback(value: bool) -> None:
@@ -152,7 +156,7 @@ def segment_cmd(
     cfg = Config.from_env()
     # settings and output names first: nothing slow runs before a mistake that would fail at the end
     _check_choice("--output-type", output_type, ("nifti", "dicom_seg"))
-    _check_choice("--passport-grid", passport_grid, PASSPORT_GRIDS)
+    _check_choice("--passport-grid", passport_grid, _passport_grids())
     if ml and output_type == "nifti" and not output.name.endswith((".nii", ".nii.gz")):
         raise InputError("--ml writes one NIfTI file: its name must end with .nii or .nii.gz", output)
     one_file = ml or output_type == "dicom_seg"  # else a folder of per-class masks
@@ -169,10 +173,9 @@ def segment_cmd(
     tm = Timings()
     image = load_input(input, tm, series_uid=series_uid)  # validate the input before the (slow) model load
     if output_type == "dicom_seg":
-        from .io.dicom import DicomImage3D
+        from .io.dicom_seg import check_seg_source
 
-        if not isinstance(image, DicomImage3D):
-            raise InputError("--output-type dicom_seg needs DICOM input (a DICOM folder or zip)", input)
+        check_seg_source(image)
     chosen = backend or ("cuda" if device.startswith(("gpu", "cuda")) else None)
     _say(quiet, "Loading model...")
     seg = Segmenter(model, backend=chosen, threads=nr_thr or None, config=cfg)
@@ -535,6 +538,8 @@ def validate_registration_cmd(
     check_writable(output, force, folder=True)
     if cases < 1:
         raise InputError(f"--cases must be >= 1, not {cases}")
+    if max_pairs is not None and max_pairs < 1:
+        raise InputError(f"--max-pairs must be >= 1, not {max_pairs}")
     say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     if learn2reg is not None:
         from .register.validate import validate_learn2reg
@@ -860,7 +865,7 @@ def batch_cmd(
     from .segment.pipeline import classes_for
 
     classes_for(roi_subset)
-    _check_choice("--passport-grid", passport_grid, PASSPORT_GRIDS)
+    _check_choice("--passport-grid", passport_grid, _passport_grids())
     from .model.folder import is_demo_alias
 
     # an absolute path, so that pool and Dask workers find it; `demo` stays the embedded model's name

@@ -125,6 +125,38 @@ def test_seg_of_an_enhanced_multiframe_ct(tmp_path: Path, rng: np.random.Generat
     np.testing.assert_array_equal(seg_on_grid(out, img), labels)
 
 
+@pytest.mark.parametrize("shift_mm", [0.08, 0.0005])  # ~1.5 degrees of gantry tilt; a 0.01 mm drift overall
+def test_seg_of_a_slightly_tilted_stack(tmp_path: Path, rng: np.random.Generator, shift_mm: float) -> None:
+    """A stack the reader accepts though its slices step slightly off their normal (its mean-step affine is
+    not orthogonal): every SEG frame sits at its source image's own position and holds that slice's labels."""
+    write_dicom_series(rng.integers(-100, 100, (20, 16, 24)).astype(np.int16), np.diag([1.0, 1.0, 3.0, 1.0]),
+                       tmp_path / "t", SeriesTags(uid_seed="tilt"))
+    for k, f in enumerate(sorted((tmp_path / "t").iterdir())):
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:.6f}", f"{y + shift_mm * k:.6f}", f"{z:.6f}"]
+        ds.save_as(f, enforce_file_format=True)
+    img = load_ct(tmp_path / "t")
+    assert isinstance(img, DicomImage3D) and abs(img.affine[1, 2]) > 0  # sheared: not a highdicom Volume
+    labels = np.zeros(img.shape, np.uint8)
+    labels[3:12, 2:9, 2:20] = 1
+    labels[14:18, 10:15, 5:9] = 5
+    out = write_dicom_seg(labels, img, {1: "spleen", 5: "liver"}, tmp_path / "t.dcm")
+    ds = pydicom.dcmread(out)
+    _, names = read_dicom_seg(out)
+    by_uid = {str(d.SOPInstanceUID): k for k, d in enumerate(img.datasets)}
+    seen = set()
+    for f, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        src = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        k = by_uid[src]
+        np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in img.datasets[k].ImagePositionPatient], atol=1e-4)
+        cid = NAME_TO_ID[names[int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]]
+        np.testing.assert_array_equal(ds.pixel_array[f].astype(bool), labels[:, :, k].T == cid)
+        seen.add((cid, k))
+    assert seen == {(c, int(k)) for c in (1, 5) for k in np.unique(np.nonzero(labels == c)[2])}
+
+
 def test_errors(dicom_ct: DicomImage3D, ct_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(CTPassportError, match="nothing to store"):
         write_dicom_seg(np.zeros(dicom_ct.shape, np.uint8), dicom_ct, TOTAL_CLASSES, tmp_path / "e.dcm")
@@ -210,6 +242,20 @@ def test_cli_dicom_seg_needs_dicom_input(ct_dir: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o",
                                    str(tmp_path / "x.dcm"), "--output-type", "rtstruct", "-q"])
     assert res.exit_code != 0 and "--output-type must be nifti or dicom_seg" in res.output
+
+
+def test_cli_dicom_seg_refuses_a_series_without_frame_of_reference_before_the_model(tmp_path: Path) -> None:
+    write_dicom_series(np.zeros((10, 10, 5), np.int16), np.eye(4), tmp_path / "nofor", SeriesTags())
+    for f in (tmp_path / "nofor").iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.FrameOfReferenceUID
+        ds.save_as(f, enforce_file_format=True)
+    # the model does not exist: the error below comes before any model is loaded (or any inference runs)
+    res = CliRunner().invoke(app, ["segment", "-i", str(tmp_path / "nofor"), "-o", str(tmp_path / "x.dcm"),
+                                   "--output-type", "dicom_seg", "--model", str(tmp_path / "no_model"), "-q"])
+    assert res.exit_code == 2, res.output
+    assert "no FrameOfReferenceUID" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.dcm").exists()
 
 
 @pytest.mark.torch

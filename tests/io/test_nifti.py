@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,15 @@ def _write(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Pa
         img.header.set_sform(aff, code=1)  # sform only: nibabel cannot build a qform from a singular affine
         img.header["pixdim"][1:4] = np.sqrt((aff[:3, :3] ** 2).sum(0))
         nib.save(img, str(path))
+    return path
+
+
+def _claim_shape(path: Path, shape: tuple[int, int, int]) -> Path:
+    """Rewrite an uncompressed file's header to declare ``shape`` without adding voxel data."""
+    raw = path.read_bytes()
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+    hdr.set_data_shape(shape)
+    path.write_bytes(hdr.binaryblock + raw[348:])
     return path
 
 
@@ -61,6 +71,12 @@ def test_trailing_singleton_dimension_is_accepted(tmp_path: Path) -> None:
         ("nan.nii.gz", lambda p: _write(p, np.full((4, 4, 4), np.nan, np.float32)), "NaN"),
         ("zero.nii.gz", lambda p: _write(p, np.zeros((4, 4, 4), np.int16), np.diag([0.0, 1, 1, 1])), "spacing"),
         ("huge.nii.gz", lambda p: _write(p, np.zeros((4, 4, 4), np.int16), np.diag([1e6, 1, 1, 1])), "spacing"),
+        ("rgb.nii.gz", lambda p: _write(p, np.zeros((4, 4, 4), [("R", "u1"), ("G", "u1"), ("B", "u1")])), "RGB"),
+        ("complex.nii.gz", lambda p: _write(p, np.zeros((4, 4, 4), np.complex64)), "complex voxels"),
+        ("claims.nii", lambda p: _claim_shape(_write(p, np.zeros((4, 4, 4), np.int16)), (3000, 3000, 3000)),
+         "header declares 54000000352"),
+        ("short.nii", lambda p: p.write_bytes(_write(p, np.zeros((8, 8, 8), np.int16)).read_bytes()[:-100]),
+         "truncated file or wrong dimensions"),
     ],
 )
 def test_bad_inputs_raise_one_line_errors(tmp_path: Path, name: str, maker, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -150,6 +166,26 @@ def test_make_nifti_keeps_a_qform_that_differs_from_the_sform(tmp_path: Path) ->
     out = make_nifti(np.ones((3, 4, 5), np.uint8), moved, img.header, dtype=np.uint8)
     np.testing.assert_allclose(out.header.get_qform(), moved, atol=1e-4)
     np.testing.assert_allclose(out.header.get_sform(), moved, atol=1e-6)
+
+
+def test_an_uncoded_input_gives_an_uncoded_output_that_overlays_it_in_itk(tmp_path: Path) -> None:
+    """No sform, no qform: nibabel falls back to a centred LAS affine, ITK to origin 0 and identity directions.
+    The output stays uncoded (as TotalSegmentator's copied header does), so it overlays the input in both."""
+    sitk = pytest.importorskip("SimpleITK")
+    src = nib.Nifti1Image(np.zeros((6, 7, 8), np.int16), None)
+    src.header.set_zooms((2.0, 2.5, 3.0))
+    src.header.set_sform(None, code=0)
+    src.header.set_qform(None, code=0)
+    nib.save(src, str(tmp_path / "in.nii.gz"))
+    img = read_image(tmp_path / "in.nii.gz")
+    save_nifti(make_nifti(np.ones(img.shape, np.uint8), img.affine, img.header, dtype=np.uint8),
+               tmp_path / "out.nii.gz")
+    back = nib.load(str(tmp_path / "out.nii.gz"))
+    assert int(back.header["sform_code"]) == 0 and int(back.header["qform_code"]) == 0
+    np.testing.assert_allclose(back.affine, img.affine, atol=1e-6)
+    a, b = sitk.ReadImage(str(tmp_path / "in.nii.gz")), sitk.ReadImage(str(tmp_path / "out.nii.gz"))
+    assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing())
 
 
 def test_label_table_round_trip(tmp_path: Path) -> None:

@@ -171,6 +171,8 @@ def test_register_points_form_lps_round_trip(files) -> None:
             "rows must correspond",
         ),
         (["register", "--fixed-points", "{d}/f.csv", "--moving-points", "{d}/text.csv"], "must be numbers"),
+        (["register", "--fixed-points", "{d}/f.csv", "--moving-points", "{d}/far.csv"], "beyond +-100000 mm"),
+        (["register", "--fixed-points", "{d}/f.csv", "--moving-points", "{d}/twice.csv"], "names column x 2 times"),
         (  # the error names both inputs
             ["register", "--fixed", "{d}/fixed.passport.json", "--moving", "{d}/two.passport.json"],
             "fixed.passport.json -> {d}/two.passport.json: only",
@@ -188,6 +190,8 @@ def test_bad_inputs_give_one_line_errors_and_no_output(files, args, message) -> 
     d, x, y = files
     (d / "short.csv").write_text("x,y,z\n1,2,3\n4,5,6\n7,8,9\n")
     (d / "text.csv").write_text("x,y,z\n" + "a,b,c\n" * len(x))
+    (d / "far.csv").write_text("x,y,z\n" + "1e9,0,0\n" * len(x))  # metres or a wrong column, not mm
+    (d / "twice.csv").write_text("x,y,z,x\n" + "1,2,3,4\n" * len(x))  # which x is meant?
     two = build_passport(np.pad(np.ones((3, 3, 3), np.uint8), 2) * 5, np.eye(4))
     save_passport(two, d / "two.passport.json")
     out = d / "bad_out"

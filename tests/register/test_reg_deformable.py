@@ -7,11 +7,14 @@ import pytest
 
 from ctpassport.errors import RegistrationError
 from ctpassport.passport.build import build_passport
-from ctpassport.register import register_passports
+from ctpassport.register import register_passports, register_points
 from ctpassport.register.deformable import (
+    MAX_CONTROL_CELLS,
     CoarseGrid,
     Matcher,
     OrganPoints,
+    TPSField,
+    control_spacing_for,
     fit_deformable_points,
     reject_outliers,
     thin_point_sets,
@@ -129,6 +132,41 @@ def test_landmark_fits_interpolate_a_smooth_warp(method: str) -> None:
     test = rng.uniform(-45, 45, size=(200, 3))
     err = np.linalg.norm(t.apply(test) - warp(test), axis=1).mean()
     assert err < 0.6, (method, err)
+
+
+@pytest.mark.parametrize("flat_axis", [0, 2])
+def test_thin_plate_spline_on_landmarks_in_one_plane(flat_axis: int) -> None:
+    """Landmarks picked on one slice: the spline is fitted in their plane (constant across it) instead of a
+    singular system; off the plane it carries the in-plane field along the plane's normal."""
+    rng = np.random.default_rng(4)
+    f = rng.uniform(-60, 60, size=(40, 3))
+    f[:, flat_axis] = 7.0
+    a, b = [ax for ax in range(3) if ax != flat_axis]
+
+    def warp(p: np.ndarray) -> np.ndarray:  # in-plane motion that depends on the in-plane position only
+        out = p.copy()
+        out[:, a] += 3.0 * np.sin(p[:, b] / 30.0)
+        out[:, b] += 3.0 * np.sin(p[:, a] / 30.0)
+        return out
+
+    fit = TPSField(f, warp(f) - f, smoothing=0.0)
+    assert len(fit.basis) == 2
+    test = rng.uniform(-40, 40, size=(50, 3))
+    test[:, flat_axis] = 7.0
+    np.testing.assert_allclose(fit.at(test), warp(test) - test, atol=0.5)
+    shifted = test.copy()
+    shifted[:, flat_axis] += 25.0
+    np.testing.assert_allclose(fit.at(shifted), fit.at(test), atol=1e-9)
+    m = f + np.array([2.0, -1.0, 0.5]) + (warp(f) - f)
+    res = register_points(f, m, "deformable")  # the command's default smooth fit (tps): no LinAlgError
+    assert np.linalg.norm(res.transform_points(f) - m, axis=1).mean() < 0.5
+
+
+def test_bspline_control_lattice_is_bounded_on_huge_fields() -> None:
+    """A field of view kilometres wide widens the control spacing instead of solving for millions of cells."""
+    assert control_spacing_for(np.array([400.0, 300.0, 600.0]), 40.0) == 40.0
+    cs = control_spacing_for(np.array([8000.0, 8000.0, 8000.0]), 40.0)
+    assert np.prod(np.ceil(8000.0 / cs) * np.ones(3)) <= MAX_CONTROL_CELLS < np.prod(np.ceil(8000.0 / (cs / 1.25)) * np.ones(3))
 
 
 def test_deformable_bad_inputs(scene) -> None:

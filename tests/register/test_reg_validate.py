@@ -152,6 +152,9 @@ def test_voxel_csv_header_and_malformed_first_line(tmp_path) -> None:
     (tmp_path / "bad.csv").write_text("1,2,oops\n4,5,6\n")
     with pytest.raises(InputError, match="line 1: expected three numbers"):
         read_voxel_csv(tmp_path / "bad.csv")
+    (tmp_path / "nan.csv").write_text("1,2,3\nnan,5,6\n")  # float() reads it: it must not reach the TRE
+    with pytest.raises(InputError, match="line 2: NaN or infinite"):
+        read_voxel_csv(tmp_path / "nan.csv")
 
 
 def test_learn2reg_bad_folders(tmp_path) -> None:
@@ -163,6 +166,17 @@ def test_learn2reg_bad_folders(tmp_path) -> None:
     (tmp_path / "task" / "X_dataset.json").write_text("{}")
     with pytest.raises(InputError, match="lists no image pairs"):
         validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
+    for text, message in (("[1, 2]", "JSON list, not the Learn2Reg task object"),
+                          ('{"registration_val": 3}', "registration_val must be a list")):
+        (tmp_path / "task" / "X_dataset.json").write_text(text)
+        with pytest.raises(InputError, match=message):
+            validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
+    for bad in (0, -1):  # -1 would otherwise slice the last pair away
+        with pytest.raises(InputError, match=f"--max-pairs must be >= 1, not {bad}"):
+            validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path, max_pairs=bad)
+        r = CliRunner().invoke(app, ["validate-registration", "--learn2reg", str(tmp_path / "task"), "--labels-dir",
+                                     str(tmp_path), "-o", str(tmp_path / "o"), "--max-pairs", str(bad), "-q"])
+        assert r.exit_code == 2 and "--max-pairs must be >= 1" in r.stderr and "Traceback" not in r.output
     (tmp_path / "task" / "Y_dataset.json").write_text("{}")
     with pytest.raises(InputError, match="2 task descriptions.*ambiguous"):
         validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)

@@ -105,6 +105,17 @@ def segment_description(number: int, name: str, algorithm: Any) -> Any:
     return desc
 
 
+def check_seg_source(image: Any) -> None:
+    """Raise :class:`InputError` unless ``image`` can be the source of a DICOM SEG (DICOM input whose images
+    carry a FrameOfReferenceUID, which the SEG IOD requires); cheap, so callers check before inference."""
+    if not isinstance(image, DicomImage3D) or not image.datasets:
+        raise InputError("DICOM SEG output needs DICOM input (a DICOM folder or zip)", getattr(image, "path", None),
+                         "use --output-type nifti for NIfTI input")
+    if not all(str(getattr(ds, "FrameOfReferenceUID", "") or "") for ds in image.datasets):
+        raise InputError("the series has no FrameOfReferenceUID, which a DICOM SEG needs", image.path,
+                         "use --output-type nifti")
+
+
 def write_dicom_seg(labels: np.ndarray, image: DicomImage3D, classes: dict[int, str], path: str | Path, *,
                     model_id: str | None = None, series_number: int = 300,
                     series_description: str = "ctpassport segmentation") -> Path:
@@ -117,9 +128,7 @@ def write_dicom_seg(labels: np.ndarray, image: DicomImage3D, classes: dict[int, 
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    if not isinstance(image, DicomImage3D) or not image.datasets:
-        raise InputError("DICOM SEG output needs DICOM input (a DICOM folder or zip)", image.path,
-                         "use --output-type nifti for NIfTI input")
+    check_seg_source(image)
     lab = np.asarray(labels)
     if lab.shape != image.shape:
         raise InputError(f"label map shape {lab.shape} does not match the image {image.shape}")
@@ -134,11 +143,16 @@ def write_dicom_seg(labels: np.ndarray, image: DicomImage3D, classes: dict[int, 
         name="ctpassport (TotalSegmentator fast model)", version=__version__,
         family=codes.DCM.ArtificialIntelligence, source=model_id[:64] if model_id else None)
     descriptions = [segment_description(n, classes[k], algorithm) for n, k in enumerate(present, start=1)]
-    # Our axes [column, row, slice] -> highdicom's [slice, row, column]; the affine to LPS+ to match.
-    affine_lps = (LPS_TO_RAS @ image.affine)[:, [2, 1, 0, 3]]
-    volume = hd.Volume(array=np.ascontiguousarray(seg_numbers.transpose(2, 1, 0)), affine=affine_lps,
-                       coordinate_system="PATIENT",
-                       frame_of_reference_uid=image.meta.frame_of_reference_uid if image.meta else None)
+    # Our axes [column, row, slice] -> highdicom's [slice, row, column].
+    frames = np.ascontiguousarray(seg_numbers.transpose(2, 1, 0))
+    pixels: Any = frames
+    if image.multiframe:  # one enhanced image: highdicom matches the volume to its frames by position
+        affine_lps = (LPS_TO_RAS @ image.affine)[:, [2, 1, 0, 3]]
+        pixels = hd.Volume(array=frames, affine=affine_lps, coordinate_system="PATIENT",
+                           frame_of_reference_uid=image.meta.frame_of_reference_uid if image.meta else None)
+    # else single-frame slices: frame k is the source image k (``datasets`` are in slice order) and takes
+    # that image's own position and orientation, exact also for a slightly tilted or drifting stack, whose
+    # mean-step affine is not orthogonal (which a highdicom Volume requires)
     sources = []
     for ds in image.datasets:
         missing = [kw for kw in _TYPE2 if kw not in ds]
@@ -149,7 +163,7 @@ def write_dicom_seg(labels: np.ndarray, image: DicomImage3D, classes: dict[int, 
         sources.append(ds)
     try:
         seg = hd.seg.Segmentation(
-            source_images=sources, pixel_array=volume,
+            source_images=sources, pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
             series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="ctpassport", manufacturer_model_name="ctpassport",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import math
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -106,6 +107,11 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
             as_stored = klass.header_class.from_fileobj(io.BytesIO(raw), check=False)  # before nibabel's fixes
     except (ImageFileError, HeaderDataError, ValueError, EOFError, OSError) as exc:
         raise InputError(f"not a readable NIfTI image ({str(exc).splitlines()[0][:120]})", p) from None
+    offset = max(int(as_stored.get_data_offset()), int(as_stored.sizeof_hdr))
+    declared = offset + math.prod(int(n) for n in img.shape) * img.get_data_dtype().itemsize
+    if declared > len(raw):  # checked before any allocation: a header may claim terabytes
+        raise InputError(f"holds {len(raw)} bytes but its header declares {declared} (shape {img.shape}, "
+                         f"{img.get_data_dtype()}): truncated file or wrong dimensions", p)
     if int(as_stored["sform_code"]) == 0 and int(as_stored["qform_code"]) == 0:
         # No sform/qform: the voxel size comes from pixdim alone, and nibabel silently turns a 0 into 1 mm.
         ndim = max(1, min(3, int(as_stored["dim"][0])))
@@ -171,11 +177,14 @@ def read_image(path: str | Path, *, dtype: type | None = None, kind: str = "imag
     img = load_nifti(p)
     shape = _squeeze_to_3d(img.shape, p)
     affine = validate_affine(img.affine, p)
+    raw_dtype = img.get_data_dtype()
+    if raw_dtype.kind not in "iuf":
+        what = "RGB/structured" if raw_dtype.kind == "V" else "complex" if raw_dtype.kind == "c" else "non-numeric"
+        raise InputError(f"has {what} voxels ({raw_dtype}); expected one real number per voxel", p)
     try:
         proxy = img.dataobj
         slope = getattr(proxy, "slope", 1.0)
         inter = getattr(proxy, "inter", 0.0)
-        raw_dtype = img.get_data_dtype()
         if dtype is None and np.issubdtype(raw_dtype, np.integer) and slope == 1.0 and inter == 0.0:
             data = np.asanyarray(proxy)
         else:
@@ -204,7 +213,9 @@ def make_nifti(data: np.ndarray, affine: Affine, header: nib.Nifti1Header | None
     With a header (e.g. the input's), its geometry codes, units and description are kept, the data type
     is set to ``dtype`` (default: the array's) and any intensity scaling is removed. When ``affine`` is the
     header's own (an output on the input's grid), its sform and qform are kept as they are, as nibabel and
-    TotalSegmentator keep them (a qform that differs from the sform survives); else both are set to ``affine``.
+    TotalSegmentator keep them (a qform that differs from the sform survives; an input with neither stays
+    without, so that readers which disagree on an uncoded image's geometry still overlay input and output);
+    else both are set to ``affine``.
     """
     hdr = header.copy() if header is not None else None
     if hdr is not None:
@@ -217,10 +228,15 @@ def make_nifti(data: np.ndarray, affine: Affine, header: nib.Nifti1Header | None
     if header is not None:
         sform_code = int(header["sform_code"])
         qform_code = int(header["qform_code"])
-        coded = sform_code > 0 or qform_code > 0
-        if not (coded and np.allclose(header.get_best_affine(), affine, rtol=0, atol=1e-5)):
+        if not np.allclose(header.get_best_affine(), affine, rtol=0, atol=1e-5):
             img.set_sform(affine, code=sform_code if sform_code > 0 else 1)
             img.set_qform(affine, code=qform_code if qform_code > 0 else 1)
+        elif sform_code == 0 and qform_code == 0:
+            # an uncoded input (no sform, no qform): every reader falls back to its own default geometry
+            # (nibabel's centred LAS, ITK's origin 0 and identity directions); an output left uncoded like
+            # its input overlays it in each of them, as TotalSegmentator's copied header does
+            img.header.set_sform(None, code=0)
+            img.header.set_qform(None, code=0)
     return img
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from itertools import chain
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,6 +63,11 @@ class Source(BaseModel):
     ct_sha256: str | None = None
 
 
+#: A passport grid's ``kind`` (see :class:`Grid`); also the CLI's ``--passport-grid`` choices.
+GridKind = Literal["output", "model"]
+GRID_KINDS: tuple[str, ...] = get_args(GridKind)
+
+
 class Grid(BaseModel):
     """The voxel grid the passport was computed on.
 
@@ -72,7 +77,7 @@ class Grid(BaseModel):
 
     model_config = _STRICT
 
-    kind: Literal["output", "model"]
+    kind: GridKind
     shape: tuple[int, int, int]
     spacing_mm: Vec3
     affine: tuple[tuple[float, float, float, float], ...] = Field(min_length=4, max_length=4)

@@ -103,6 +103,21 @@ def tensor_design_matrix(coords: np.ndarray, knots: list[np.ndarray], k: int = 3
     )
 
 
+#: Most control-lattice cells a B-spline fit may have (its solve grows fast with them): the control spacing
+#: is widened, the same on every axis, over a field of view too large for the asked spacing (a torso at 40 mm
+#: has about 2 000 cells, a 1 m cube 16 000).
+MAX_CONTROL_CELLS = 16_000
+
+
+def control_spacing_for(extent_mm: np.ndarray, control_spacing_mm: float) -> float:
+    """The control spacing (mm) to use over ``extent_mm`` (per axis): ``control_spacing_mm``, or wider so that
+    the lattice has at most :data:`MAX_CONTROL_CELLS` cells."""
+    cs = float(control_spacing_mm)
+    while float(np.prod(np.maximum(1.0, np.ceil(np.asarray(extent_mm, dtype=np.float64) / cs)))) > MAX_CONTROL_CELLS:
+        cs *= 1.25
+    return cs
+
+
 class BSplineField:
     """Regularised least-squares cubic B-spline displacement on a lattice aligned with ``grid``'s axes.
 
@@ -128,6 +143,7 @@ class BSplineField:
         self.grid = grid
         self.spacing = grid.spacing
         ext = (np.asarray(grid.shape) - 1) * self.spacing
+        control_spacing_mm = control_spacing_for(ext, control_spacing_mm)
         self.knots = []
         for e in ext:
             m = max(1, int(np.ceil(e / control_spacing_mm)))
@@ -192,7 +208,15 @@ class TPSField:
 
     At most ``max_centers`` data points are kept (random subset): the fit is O(N^3), evaluation O(N) per
     point. The dense field is evaluated every ``stride_mm`` and upsampled trilinearly (separable).
+
+    Points on one plane (landmarks picked on one slice) or one line cannot fix the linear part of the spline
+    across that plane or line (the fit would be singular): the spline is then fitted in the points' own
+    plane or line (the directions whose RMS spread exceeds :data:`FLAT_FRACTION` of the largest) and is
+    constant across it.
     """
+
+    #: A direction whose RMS spread of the centres is below this fraction of the largest is treated as flat.
+    FLAT_FRACTION = 1e-3
 
     def __init__(
         self,
@@ -210,13 +234,25 @@ class TPSField:
         if len(p) > max_centers:
             sel = np.random.default_rng(seed).choice(len(p), max_centers, replace=False)
             p, v = p[sel], v[sel]
-        self.rbf = RBFInterpolator(
-            p, v, kernel="thin_plate_spline", smoothing=smoothing * len(p) / 1000.0, degree=1
-        )
+        self.centre = p.mean(axis=0)
+        _, sv, vt = np.linalg.svd(p - self.centre, full_matrices=False)
+        self.basis = vt[sv > self.FLAT_FRACTION * sv[0]] if sv[0] > 0 else vt[:0]
+        if len(self.basis) == 0:
+            raise RegistrationError("the landmarks all lie at one point: no smooth fit")
+        try:
+            self.rbf = RBFInterpolator(
+                self._span(p), v, kernel="thin_plate_spline", smoothing=smoothing * len(p) / 1000.0, degree=1
+            )
+        except np.linalg.LinAlgError as exc:
+            raise RegistrationError(f"the thin plate spline fit is singular ({exc}); try --method bspline") from None
         self.stride_mm = stride_mm
 
+    def _span(self, points: np.ndarray) -> np.ndarray:
+        """Coordinates (mm) of ``points`` in the centres' own span (3, 2 or 1 directions)."""
+        return (np.asarray(points, dtype=np.float64) - self.centre) @ self.basis.T
+
     def at(self, points: np.ndarray) -> np.ndarray:
-        return np.asarray(self.rbf(np.asarray(points, dtype=np.float64)))
+        return np.asarray(self.rbf(self._span(points)))
 
     def on_grid(self, grid: GridSpec) -> np.ndarray:
         strides = [max(1, int(round(self.stride_mm / s))) for s in grid.spacing]
@@ -261,7 +297,9 @@ class SitkBSplineField:
         ref = sitk.Image([int(n) for n in grid.shape], sitk.sitkFloat32)
         ref.SetSpacing([float(v) for v in grid.spacing])
         ext = np.asarray(grid.shape) * grid.spacing
-        mesh = [max(1, int(round(e / control_spacing_mm))) for e in ext]
+        # ITK's scattered-data fit uses max(mesh) + 3 control points on *every* axis: bound the longest axis too
+        cs = max(control_spacing_for(ext, control_spacing_mm), float(ext.max()) / round(MAX_CONTROL_CELLS ** (1 / 3)))
+        mesh = [max(1, int(round(e / cs))) for e in ext]
         tx = sitk.BSplineTransformInitializer(ref, mesh, 3)
         f = self._frame(points)
         m = f + np.asarray(values, dtype=np.float64) @ self.axes

@@ -17,6 +17,9 @@ from ..errors import InputError
 from ..io.atomic import write_text_atomic
 
 _FLIP = np.array([-1.0, -1.0, 1.0])
+#: Largest world coordinate (mm) a point file may hold: 100 m, far beyond any scanner's frame; larger values
+#: are a unit or column mistake (and would make the transform's grid absurd).
+MAX_COORDINATE_MM = 1.0e5
 
 
 @dataclass
@@ -58,6 +61,9 @@ def read_points_csv(path: str | Path, *, lps: bool = False) -> PointTable:
             p,
             "first line like: x,y,z",
         ) from None
+    twice = [k for k in ("x", "y", "z") if lower.count(k) > 1]
+    if twice:
+        raise InputError(f"the header line names column {twice[0]} {lower.count(twice[0])} times", p)
     body = rows[1:]
     if not body:
         raise InputError("no points after the header line", p)
@@ -73,6 +79,11 @@ def read_points_csv(path: str | Path, *, lps: bool = False) -> PointTable:
             ) from None
     if not np.all(np.isfinite(pts)):
         raise InputError("contains NaN or infinite coordinates", p)
+    if np.abs(pts).max() > MAX_COORDINATE_MM:
+        raise InputError(
+            f"has coordinates beyond +-{MAX_COORDINATE_MM:g} mm (found {np.abs(pts).max():.3g}); "
+            "point files hold world millimetres", p
+        )
     if lps:
         pts = pts * _FLIP
     return PointTable(pts, header, [[c.strip() for c in r] for r in body], cols)  # type: ignore[arg-type]
@@ -130,4 +141,8 @@ def read_voxel_csv(path: str | Path) -> np.ndarray:
             raise InputError(f"line {i + 1}: expected three numbers (voxel indices)", p)
     if not vals:
         raise InputError("no keypoints in file", p)
-    return np.asarray(vals, dtype=np.float64)
+    out = np.asarray(vals, dtype=np.float64)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise InputError(f"line {int(np.argmax(bad)) + 1}: NaN or infinite voxel index", p)
+    return out

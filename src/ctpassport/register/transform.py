@@ -211,7 +211,7 @@ def bounding_grid(
     sp = float(spacing_mm)
     while True:
         shape = np.maximum(2, np.ceil((hi - lo) / sp).astype(int) + 1)
-        if int(np.prod(shape)) <= max_voxels:
+        if float(np.prod(shape.astype(np.float64))) <= max_voxels:  # float: no int64 overflow on huge spans
             break
         sp *= 1.25
     aff = np.diag([sp, sp, sp, 1.0])

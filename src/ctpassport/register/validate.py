@@ -897,9 +897,14 @@ def learn2reg_pairs(folder: Path) -> list[tuple[Path, Path]]:
         d = json.loads(js.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError("not valid JSON", js) from None
+    if not isinstance(d, dict):
+        raise InputError(f"is a JSON {type(d).__name__}, not the Learn2Reg task object", js)
     pairs: list[tuple[Path, Path]] = []
     for key in ("training_paired_images", "registration_val", "registration_test"):
-        for item in d.get(key, []) or []:
+        items = d.get(key) or []
+        if not isinstance(items, list):
+            raise InputError(f"{key} must be a list of pairs", js)
+        for item in items:
             try:
                 f = (folder / item["fixed"]).resolve()
                 m = (folder / item["moving"]).resolve()
@@ -973,6 +978,8 @@ def validate_learn2reg(
     say = progress or (lambda msg: None)
     if segment is None and labels_dir is None:
         raise InputError("need a segmenter or a labels folder for the Learn2Reg validation")
+    if max_pairs is not None and max_pairs < 1:
+        raise InputError(f"--max-pairs must be >= 1, not {max_pairs}")
     pairs = learn2reg_pairs(root)
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
