@@ -68,7 +68,7 @@ BAD_INPUTS = {
     # no sform/qform and pixdim 0: nibabel would make it 1 mm (and log to stderr)
     "pixdim_zero": (lambda p: _save_unoriented(p, np.zeros((8, 8, 8), np.int16)), "spacing is unknown"),
     # 1 mm thick: no voxel of the model's 3 mm grid fits
-    "thin_slab": (lambda p: _save(p, np.zeros((8, 8, 1), np.int16), np.diag([3.0, 3, 1, 1])), "too thin"),
+    "thin_slab": (lambda p: _save(p, np.full((8, 8, 1), -1000, np.int16), np.diag([3.0, 3, 1, 1])), "too thin"),
 }
 
 

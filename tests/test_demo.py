@@ -110,6 +110,23 @@ def test_demo_refuses_existing_output_and_half_inputs(tmp_path: Path, no_weights
     res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "new"), "--baseline", str(out), "-q"])
     assert res.exit_code == 2 and "--follow-up" in res.output
     assert not (tmp_path / "new").exists()
+    res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "new"), "--true-transform", str(out / "t.json"), "-q"])
+    assert res.exit_code == 2 and "--true-transform goes with --baseline" in res.output  # not silently ignored
+    assert not (tmp_path / "new").exists()
+
+
+def test_demo_registration_impossible_exits_6_and_leaves_no_output(tmp_path: Path, ct_dir: Path,
+                                                                   no_weights: None) -> None:
+    src = nib.load(ct_dir / "example_ct_sm.nii.gz")
+    one = tmp_path / "one_slice.nii.gz"  # a follow-up of one slice: too few organs to register
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj)[:, :, 15:16], src.affine), one)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["demo", "--baseline", str(ct_dir / "example_ct_sm.nii.gz"), "--follow-up", str(one),
+                                   "-o", str(out), "--backend", "onnxruntime", "-q"])
+    assert res.exit_code == 6, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "registration failed in both tiers" in line and "one_slice.nii.gz" in line
+    assert not out.exists()
 
 
 def test_choose_model_skips_standins(standin_home: Path, tmp_path: Path) -> None:

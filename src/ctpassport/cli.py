@@ -84,6 +84,19 @@ def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{option} must be {names}, not {value!r}")
 
 
+def _warn(message: str) -> None:
+    """A warning line on stderr (shown with ``-q`` too: it is about the result, not progress)."""
+    typer.echo(f"ctpassport: warning: {message}", err=True)
+
+
+def _warn_if_label_map(path: Path, data: Any) -> None:
+    from .io.load import label_map_suspicion
+
+    why = label_map_suspicion(data)
+    if why:
+        _warn(f"{path}: {why}")
+
+
 def _passport_grids() -> tuple[str, ...]:
     """Choices of ``--passport-grid`` (segment, batch): the passport schema's ``grid.kind`` values."""
     from .passport.schema import GRID_KINDS
@@ -176,6 +189,7 @@ def segment_cmd(
         from .io.dicom_seg import check_seg_source
 
         check_seg_source(image)
+    _warn_if_label_map(input, image.data)
     chosen = backend or ("cuda" if device.startswith(("gpu", "cuda")) else None)
     _say(quiet, "Loading model...")
     seg = Segmenter(model, backend=chosen, threads=nr_thr or None, config=cfg)
@@ -296,7 +310,7 @@ def passport_cmd(
     input: Annotated[Path, typer.Option("-i", "--input", help="Label map (NIfTI, integer ids), e.g. TotalSegmentator --ml output.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Passport JSON to write.")],
     ct: Annotated[Path | None, typer.Option("--ct", help="CT on the label map's grid: adds mean/std HU per organ.")] = None,
-    points: Annotated[int, typer.Option("--points", min=0, help="Boundary points per organ (at most).")] = 500,
+    points: Annotated[int, typer.Option("--points", min=0, max=10_000_000, help="Boundary points per organ (at most).")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the boundary point sampling.")] = 0,
     normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the boundary points (more accurate registration, larger JSON).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
@@ -315,7 +329,7 @@ def passport_cmd(
         p = passport_from_file(input, ct_path=ct, points=points, seed=seed, normals=normals)
     save_passport(p, output)
     for w in p.warnings:
-        typer.echo(f"ctpassport: warning: {input}: {w}", err=True)
+        _warn(f"{input}: {w}")
     n_trunc = sum(o.truncated for o in p.organs)
     _say(quiet, f"Wrote {output}: {len(p.organs)} organs ({n_trunc} touch the image border), "
                 f"passport built in {1000 * p.timings.get('passport_build', 0.0):.0f} ms")
@@ -337,7 +351,7 @@ def show_cmd(
     from .passport.show import render_html, render_png
 
     if output is None and html is None:
-        raise CTPassportError("nothing to write: give -o picture.png and/or --html page.html")
+        raise ConfigError("nothing to write: give -o picture.png and/or --html page.html")
     for out in (output, html):
         if out is not None:
             check_writable(out, force)
@@ -562,7 +576,7 @@ def validate_registration_cmd(
             raise InputError(f"no pair could be evaluated (first: {failed[0]['error']}); see {output / 'report.md'}",
                              learn2reg)
         for r in failed:
-            typer.echo(f"ctpassport: warning: {r['fixed']} <- {r['moving']}: {r['error']}", err=True)
+            _warn(f"{r['fixed']} <- {r['moving']}: {r['error']}")
         _say(quiet, f"Learn2Reg: {s['evaluated']}/{s['pairs']} pairs, mean TRE identity {s['tre_identity_mm']} mm, "
                     f"rigid {s['rigid']['tre_mean_mm']} mm, deformable {s['deformable']['tre_mean_mm']} mm; "
                     f"wrote {output}")
@@ -613,7 +627,7 @@ def phantom_cmd(
     except ValueError:
         angles = ()
     if len(angles) != 3:
-        raise CTPassportError(f"--oblique must be three angles in degrees, not {oblique!r}")
+        raise ConfigError(f"--oblique must be three angles in degrees, not {oblique!r}")
     outs = write_phantom(output, labels, seed=seed, spacing=spacing, orientation=orientation,
                          oblique_deg=angles, follow_up=follow_up, follow_up_labels=follow_up_labels,
                          transform=transform, truth=truth, motion_seed=motion_seed, force=force)
@@ -643,7 +657,7 @@ def demo_cmd(
 
     run_demo(output, baseline=baseline, follow_up=follow_up, true_transform=true_transform, model=model, seed=seed,
              motion_seed=motion_seed, spacing=spacing, orientation=orientation, backend=backend,
-             threads=nr_thr or None, force=force, log=lambda m: _say(quiet, m))
+             threads=nr_thr or None, force=force, log=lambda m: _say(quiet, m), warn=_warn)
 
 
 @model_app.command("train-demo")
@@ -692,7 +706,7 @@ def model_train_demo_cmd(
             if len(vals) == 1:
                 vals = vals * 3
             if len(vals) != 3:
-                raise CTPassportError(f"crop {text!r} must be one or three integers (z,y,x)")
+                raise ConfigError(f"crop {text!r} must be one or three integers (z,y,x)")
             return vals
 
         def class_names(text: str | None) -> tuple[str, ...]:
@@ -712,7 +726,7 @@ def model_train_demo_cmd(
             except ValueError:
                 sw = []
             if len(sw) != 3 or min(sw) < 0 or sum(sw) <= 0:
-                raise CTPassportError(f"--source-weights {source_weights!r} must be three non-negative numbers")
+                raise ConfigError(f"--source-weights {source_weights!r} must be three non-negative numbers")
             cfg.source_weights = dict(zip(("phantom", "example_ct_sm", "example_ct"), sw))
         if focus:
             try:
@@ -721,7 +735,7 @@ def model_train_demo_cmd(
             except ValueError:
                 cfg.class_focus = {}
             if not cfg.class_focus or min(cfg.class_focus.values()) <= 0:
-                raise CTPassportError(f"--focus {focus!r} must be NAME=FACTOR pairs with positive factors")
+                raise ConfigError(f"--focus {focus!r} must be NAME=FACTOR pairs with positive factors")
         train_demo(out, ct_dir=cfg_env.ct_data_dir, cfg=cfg, work_dir=work_dir, force=force, log=log)
     else:
         check_trained_folder(out)
@@ -750,12 +764,12 @@ def _parse_cpus(text: str | None) -> list[int] | None:
             elif part:
                 cpus.add(int(part))
     except ValueError:
-        raise CTPassportError(f"--cpus {text!r} is not a CPU list (e.g. 0,1 or 0-3)") from None
+        raise ConfigError(f"--cpus {text!r} is not a CPU list (e.g. 0,1 or 0-3)") from None
     import os
 
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(cpus)
     if not cpus or not cpus <= allowed:
-        raise CTPassportError(f"--cpus {text!r}: this process may use CPUs {sorted(allowed)}")
+        raise ConfigError(f"--cpus {text!r}: this process may use CPUs {sorted(allowed)}")
     return sorted(cpus)
 
 
@@ -916,7 +930,7 @@ def store_add_cmd(
     from .store.ingest import study_meta_for
 
     if len(passports) > 1 and (ct is not None or study is not None):
-        raise CTPassportError("--ct and --study apply to one passport; add the others separately")
+        raise ConfigError("--ct and --study apply to one passport; add the others separately")
     with PassportStore(db) as store:
         for path in passports:
             pp = load_passport(path)
@@ -1073,7 +1087,7 @@ def app_cmd(
     if cfg.app_root is not None:
         app_root = Path(cfg.app_root).expanduser().resolve()
         if not app_root.is_dir():
-            raise CTPassportError("is not a folder", app_root, "pass --root with an existing folder")
+            raise ConfigError("is not a folder", app_root, "pass --root with an existing folder")
         env["CTPASSPORT_APP_ROOT"] = str(app_root)
     if model is not None:
         from .model.folder import locate_model

@@ -23,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 
-_ENV_PREFIX = "CTPASSPORT_"
+#: The environment variable of each :class:`Config` field (the documented names, not derived from the fields).
+ENV_VARS = {
+    "cache_dir": "CTPASSPORT_CACHE_DIR",
+    "threads": "CTPASSPORT_THREADS",
+    "backend": "CTPASSPORT_BACKEND",
+    "shared_dir": "CTPASSPORT_SHARED",
+    "app_root": "CTPASSPORT_APP_ROOT",
+}
 BACKENDS = ("auto", "onnxruntime", "openvino", "openvino-bf16", "openvino-int8", "cuda", "torch")
 
 
@@ -61,24 +68,39 @@ class Config(BaseModel):
         """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
+        from_env: set[str] = set()
         for name in cls.model_fields:
-            key = _ENV_PREFIX + name.upper()
+            key = ENV_VARS[name]
             if key in env and env[key] != "":
                 values[name] = env[key]
+                from_env.add(name)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        from_env -= {k for k, v in overrides.items() if v is not None}
         backend = values.get("backend")
         if backend is not None and str(backend) not in BACKENDS:
             raise ConfigError(
                 f"CTPASSPORT_BACKEND={backend!r} is not a known backend",
                 hint=f"use one of {', '.join(BACKENDS)} or unset it",
             )
+        for name in ("cache_dir", "shared_dir", "app_root"):
+            if isinstance(values.get(name), str):
+                values[name] = Path(str(values[name])).expanduser()
         try:
-            return cls(**values)  # type: ignore[arg-type]
+            cfg = cls(**values)  # type: ignore[arg-type]
         except ValidationError as exc:
             err = exc.errors()[0]
             field = str(err["loc"][0]) if err["loc"] else "?"
-            key = _ENV_PREFIX + field.upper()
+            key = ENV_VARS.get(field, field)
             raise ConfigError(
                 f"{key}={values.get(field)!r} is invalid: {err['msg']}",
                 hint=f"fix or unset {key}",
             ) from None
+        if cfg.cache_dir.exists() and not cfg.cache_dir.is_dir():
+            raise ConfigError(f"CTPASSPORT_CACHE_DIR={str(cfg.cache_dir)!r} is a file, not a folder",
+                              hint="point it at a folder (created when missing) or unset it")
+        for name in ("shared_dir", "app_root"):
+            path = getattr(cfg, name)
+            if name in from_env and path is not None and not path.is_dir():
+                raise ConfigError(f"{ENV_VARS[name]}={str(path)!r}: no such folder",
+                                  hint=f"point it at an existing folder or unset {ENV_VARS[name]}")
+        return cfg

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .bench.metrics import dice_per_class
-from .errors import CTPassportError, InputError, ModelError
+from .errors import CTPassportError, InputError, ModelError, RegistrationError
 from .io.atomic import atomic_path, check_writable
 
 TIERS = ("rigid", "deformable")
@@ -245,19 +245,24 @@ def fig_tre(errors: dict[str, np.ndarray], path: Path) -> Path:
 def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_up: str | Path | None = None,
              true_transform: str | Path | None = None, model: str | Path | None = None, seed: int = 0,
              motion_seed: int = 1, spacing: str = "3", orientation: str = "RAS", backend: str | None = None,
-             threads: int | None = None, force: bool = False, log: Callable[[str], None] = print) -> DemoResult:
+             threads: int | None = None, force: bool = False, log: Callable[[str], None] = print,
+             warn: Callable[[str], None] | None = None) -> DemoResult:
     """Run the demo into ``out_dir`` (written atomically as a whole; refused if it exists unless ``force``).
 
     Without ``baseline``/``follow_up``: phantom ``seed`` at ``spacing`` mm in ``orientation`` and its follow-up
     (``motion_seed``) with the known true transform. With them: the user's two CTs (NIfTI, or DICOM when the
     DICOM extra is installed); ``true_transform`` (a phantom true-transform JSON, baseline -> follow-up) adds
-    the error against the truth. Returns the report paths and numbers.
+    the error against the truth. Returns the report paths and numbers. ``log`` gets progress lines, ``warn``
+    (default ``log``) warnings about the inputs (e.g. a label map given as a CT).
     """
     from .config import Config
     from .segment.pipeline import Segmenter
 
     if (baseline is None) != (follow_up is None):
         raise InputError("pass both --baseline and --follow-up (or neither, for the phantom demo)")
+    if true_transform is not None and baseline is None:
+        raise InputError("--true-transform goes with --baseline and --follow-up (the phantom demo knows its own)",
+                         true_transform)
     try:
         import matplotlib  # noqa: F401 - the report's pictures
     except ImportError:  # pragma: no cover - viz extra missing
@@ -301,6 +306,12 @@ def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_
 
             with clock.stage("read_inputs"):
                 base_img, fu_img = load_ct(Path(baseline)), load_ct(Path(follow_up))  # type: ignore[arg-type]
+            from .io.load import label_map_suspicion
+
+            for path, img in ((baseline, base_img), (follow_up, fu_img)):
+                why = label_map_suspicion(img.data)
+                if why:
+                    (warn or log)(f"{path}: {why}")
             if true_transform is not None:
                 from .phantom import load_true_transform
 
@@ -372,8 +383,8 @@ def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_
                                 "seconds": round(clock.seconds[f"register_{tier}"], 3),
                                 "timings_s": regs[tier].summary.get("timings_s")}
         if not regs:
-            raise CTPassportError("registration failed in both tiers: " + "; ".join(
-                v["error"] for v in reg_report.values()))
+            raise RegistrationError(f"{baseline or 'baseline'} -> {follow_up or 'follow-up'}: registration failed "
+                                    "in both tiers: " + "; ".join(v["error"] for v in reg_report.values()))
 
         # -- warp -------------------------------------------------------------------------------------
         from .io.nifti import Image3D, make_nifti, save_nifti

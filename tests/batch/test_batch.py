@@ -20,6 +20,7 @@ from ctpassport.batch.runner import BATCH_CSV, BATCH_JSON, run_batch
 from ctpassport.batch.worker import BatchOptions
 from ctpassport.cli import app
 from ctpassport.errors import CTPassportError, InputError, OutputExistsError
+from ctpassport.io.atomic import OUTPUT_MARKER
 from ctpassport.io.load import load_ct
 from ctpassport.io.nifti import read_image
 
@@ -53,6 +54,13 @@ def test_discover(tmp_path: Path, batch_in: Path) -> None:
     cases = discover_cases(batch_in, exclude=out)
     assert [(c.case_id, c.kind) for c in cases] == [("a__ct1", "nifti"), ("b_ct2", "nifti"),
                                                     ("patient3__series", "dicom-folder"), ("scans", "dicom-zip")]
+    # Folders ctpassport wrote (an earlier batch's output, a mask folder) are not searched either.
+    for marker, where in (("batch.json", "old_batch"), ("case.json", "old_case"), (OUTPUT_MARKER, "masks")):
+        (batch_in / where / "sub").mkdir(parents=True)
+        (batch_in / where / marker).write_text("{}")
+        (batch_in / where / "labels.nii.gz").write_bytes(b"")
+        (batch_in / where / "sub" / "labels.nii.gz").write_bytes(b"")
+    assert [c.case_id for c in discover_cases(batch_in, exclude=out)] == [c.case_id for c in cases]
     # A DICOM folder given as IN_DIR is itself the one case.
     only = discover_cases(batch_in / "patient3" / "series")
     assert [(c.case_id, c.kind) for c in only] == [("series", "dicom-folder")]
@@ -346,3 +354,7 @@ def test_missing_model_fails_before_any_case(batch_in: Path, tmp_path: Path) -> 
                                    "-q"])
     assert res.exit_code == 3 and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(app, ["batch", str(batch_in), str(tmp_path / "o"), "--model", "demo", "-q"],
+                             env={"CTPASSPORT_THREADS": "abc"})
+    assert res.exit_code == 5 and "CTPASSPORT_THREADS='abc'" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()  # refused before any case (was: every case failed with it)

@@ -245,7 +245,8 @@ def test_cli_dicom_seg_needs_dicom_input(ct_dir: Path, tmp_path: Path) -> None:
 
 
 def test_cli_dicom_seg_refuses_a_series_without_frame_of_reference_before_the_model(tmp_path: Path) -> None:
-    write_dicom_series(np.zeros((10, 10, 5), np.int16), np.eye(4), tmp_path / "nofor", SeriesTags())
+    hu = np.random.default_rng(0).integers(-1000, 1000, (10, 10, 5)).astype(np.int16)
+    write_dicom_series(hu, np.eye(4), tmp_path / "nofor", SeriesTags())
     for f in (tmp_path / "nofor").iterdir():
         ds = pydicom.dcmread(f)
         del ds.FrameOfReferenceUID

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctpassport.io.orientation import axcodes, reorientation
+from ctpassport.io.orientation import axcodes, onto_grid, reorientation
 
 
 def _affine(codes: str) -> np.ndarray:
@@ -49,3 +49,20 @@ def test_oblique_affine_keeps_world_positions() -> None:
         i = np.argwhere(data == v)[0]
         j = np.argwhere(can == v)[0]
         np.testing.assert_allclose(aff @ [*i, 1], ro.canonical_affine @ [*j, 1], atol=1e-9)
+
+
+@pytest.mark.parametrize("codes", ["LPS", "PIR", "SLP", "RAS"])
+def test_onto_grid_reorders_the_same_voxels_and_refuses_other_grids(codes: str) -> None:
+    """A CT stored in another axis order than its label map (same world voxels) is reordered exactly."""
+    data = np.random.default_rng(1).integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
+    ras = _affine("RAS")
+    img = nib.Nifti1Image(data, ras)
+    other = img.as_reoriented(nib.orientations.axcodes2ornt(codes))  # the same voxels, stored as `codes`
+    stored = np.asanyarray(other.dataobj)
+    back = onto_grid(stored, other.affine, data.shape, ras)
+    assert back is not None and back.flags.c_contiguous
+    np.testing.assert_array_equal(back, data)
+    shifted = other.affine.copy()
+    shifted[:3, 3] += [0.0, 0.0, 1.0]  # one voxel off along z: another grid
+    assert onto_grid(stored, shifted, data.shape, ras) is None
+    assert onto_grid(stored[:-1], other.affine, data.shape, ras) is None  # fewer voxels

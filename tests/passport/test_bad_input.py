@@ -74,6 +74,22 @@ def test_ct_on_another_grid(tmp_path: Path) -> None:
     _run_fails(["passport", "-i", str(seg), "-o", str(out), "--ct", str(ct)], out, 2, "ct.nii.gz", "grid")
 
 
+def test_ct_stored_in_another_axis_order_is_reordered_onto_the_labels(tmp_path: Path) -> None:
+    """The same CT saved LPS beside a RAS label map: the HU per organ are the same as with the RAS copy."""
+    lab = _good_labels()
+    hu = np.random.default_rng(0).integers(-100, 200, lab.shape).astype(np.int16)
+    seg = _save(tmp_path / "seg.nii.gz", lab)
+    ras = nib.Nifti1Image(hu, np.diag([2.0, 2.0, 2.0, 1.0]))
+    nib.save(ras, str(tmp_path / "ct_ras.nii.gz"))
+    nib.save(ras.as_reoriented(nib.orientations.axcodes2ornt("LPS")), str(tmp_path / "ct_lps.nii.gz"))
+    for name in ("ct_ras", "ct_lps"):
+        res = runner.invoke(app, ["passport", "-i", str(seg), "-o", str(tmp_path / f"{name}.json"), "--ct",
+                                  str(tmp_path / f"{name}.nii.gz"), "-q"])
+        assert res.exit_code == 0, res.output
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["organs"][0] for n in ("ct_ras", "ct_lps"))
+    assert a["hu_mean"] == pytest.approx(float(hu[lab == 5].mean()), abs=0.01) and a["hu_mean"] == b["hu_mean"]
+
+
 def test_bad_arrays_in_the_api() -> None:
     with pytest.raises(InputError, match="float"):
         build_passport(np.zeros((4, 4, 4), dtype=np.float64), np.eye(4))

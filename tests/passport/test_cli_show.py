@@ -97,7 +97,7 @@ def test_show_command_png_and_html(tmp_path: Path, torso_passport: Passport) -> 
     assert "T8 missing" in text and "L3 missing" in text
     res = runner.invoke(app, ["show", str(src), "-o", str(png)])
     assert res.exit_code == 4  # exists, no --force
-    assert runner.invoke(app, ["show", str(src)]).exit_code == 1  # nothing to write
+    assert runner.invoke(app, ["show", str(src)]).exit_code == 5  # nothing to write: a bad setting
 
 
 def test_html_names_unknown_labels(tmp_path: Path) -> None:

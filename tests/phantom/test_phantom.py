@@ -208,4 +208,9 @@ def test_cli_phantom_writes_files_and_refuses_overwrite(tmp_path: Path) -> None:
     res2 = CliRunner().invoke(app, args)
     assert res2.exit_code == 4 and "exists" in res2.output
     bad = CliRunner().invoke(app, ["phantom", "-o", str(tmp_path / "x.nii.gz"), "--orientation", "RAR"])
-    assert bad.exit_code == 2 and "orientation" in bad.output
+    assert bad.exit_code == 5 and "orientation" in bad.output  # a bad setting
+    # every output name is checked before anything is written (a bad later name leaves no earlier file)
+    bad = CliRunner().invoke(app, ["phantom", "-o", str(tmp_path / "y.nii.gz"), "--follow-up",
+                                   str(tmp_path / "yf.nii.gz"), "--follow-up-labels", str(tmp_path / "yf.txt")])
+    assert bad.exit_code == 2 and "must end with .nii" in bad.output
+    assert not list(tmp_path.glob("y*"))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ctpassport.errors import ModelError
+from ctpassport.errors import ConfigError, ModelError
 from ctpassport.segment import backends as B
 from ctpassport.segment.postprocess import zoom_labels
 from ctpassport.segment.preprocess import memory_order_axes, zoom_linear_fast
@@ -35,7 +35,7 @@ def test_auto_backend_follows_cpu_features() -> None:
 
 
 def test_unknown_and_unavailable_backends() -> None:
-    with pytest.raises(ModelError, match="unknown backend"):
+    with pytest.raises(ConfigError, match="unknown backend"):
         B.resolve_backend_name("tensorflow")
     if not B.cuda_available():
         with pytest.raises(ModelError, match="cannot run on this machine"):
@@ -351,7 +351,7 @@ def test_segment_cli_backend_option(tmp_path: Path, ct_dir: Path, onnx_cache: Pa
     assert labels["auto"].shape == labels["onnxruntime"].shape
     res = runner.invoke(app, ["segment", "-i", ct, "-o", str(tmp_path / "x.nii.gz"), "--ml", "--model", str(home),
                               "--backend", "tensorflow", "-q"])
-    assert res.exit_code == 3 and "unknown backend" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert res.exit_code == 5 and "unknown backend" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     if not B.cuda_available():
         res = runner.invoke(app, ["segment", "-i", ct, "-o", str(tmp_path / "g.nii.gz"), "--ml", "--model",
                                   str(home), "--device", "gpu", "-q"])

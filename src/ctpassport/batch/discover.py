@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..io.atomic import OUTPUT_MARKER
 from ..io.dicom import is_dicom_file
 from ..io.load import InputKind, is_nifti_name
 
@@ -26,6 +27,8 @@ class Case:
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Files that mark a folder as ctpassport's own output (the folder-output marker, a batch's and a case's record).
+_OUTPUT_FILES = (OUTPUT_MARKER, "batch.json", "case.json")
 
 
 def _hidden(name: str) -> bool:
@@ -66,8 +69,9 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
       picks its largest CT series, looking into its subfolders too); folders without DICOM files are
       searched further. ``in_dir`` itself may be such a DICOM folder.
 
-    Hidden entries (``.*``, ``__MACOSX``) and ``exclude`` (e.g. an output folder inside ``in_dir``) are
-    skipped. Case ids are unique (``-2``, ``-3``... appended on collisions).
+    Hidden entries (``.*``, ``__MACOSX``), ``exclude`` (e.g. an output folder inside ``in_dir``) and folders
+    that ctpassport wrote (holding its output marker, a ``batch.json`` or a ``case.json``: an earlier batch's
+    label maps are not CTs) are skipped. Case ids are unique (``-2``, ``-3``... appended on collisions).
     """
     root = Path(in_dir).resolve()
     if not root.exists():
@@ -80,6 +84,9 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
         here = Path(dirpath)
         if skip is not None and (here == skip or skip in here.parents):
             dirs[:] = []
+            continue
+        if here != root and any(name in files for name in _OUTPUT_FILES):
+            dirs[:] = []  # a ctpassport output (an earlier batch, a case, a mask folder): not a CT
             continue
         dirs[:] = sorted(d for d in dirs if not _hidden(d))
         if _has_dicom_files(here, files):

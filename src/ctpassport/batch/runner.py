@@ -236,6 +236,9 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
     out = Path(out_dir).resolve()
     if workers < 1:
         raise InputError(f"--workers must be at least 1, not {workers}")
+    from ..config import Config
+
+    Config.from_env()  # a malformed CTPASSPORT_* setting stops the batch here, not in every case
     if scheduler is not None and workers != 1:
         raise InputError("use either --workers (local pool) or --scheduler (Dask), not both")
     cases = discover_cases(src, exclude=out)

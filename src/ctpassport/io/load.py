@@ -12,6 +12,8 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from ..errors import InputError
 from .nifti import Image3D, read_image
 
@@ -57,6 +59,25 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Image3D:
     from .dicom import read_dicom_ct
 
     return read_dicom_ct(path, series_uid=series_uid)
+
+
+def label_map_suspicion(data: np.ndarray) -> str | None:
+    """Why ``data`` (an image meant as a CT in HU) looks like a label map or mask instead, or None.
+
+    A CT in HU has air near -1000 and thousands of distinct values; a label map holds a few small
+    non-negative integers. Checked on every 4th voxel in-plane and every 2nd slice (cheap); a warning sign for
+    the user (who may have swapped the CT and its segmentation), not a refusal."""
+    sub = np.asarray(data[::4, ::4, ::2])
+    if sub.size == 0:
+        return None
+    lo, hi = float(sub.min()), float(sub.max())
+    if lo < 0 or hi > 1000 or (sub.dtype.kind == "f" and not np.array_equal(sub, np.round(sub))):
+        return None
+    n = len(np.unique(sub))
+    if n > 256:
+        return None
+    return (f"holds only {n} distinct values, all integers in {lo:g}..{hi:g}, and no air (-1000 HU): "
+            "is it a label map or mask rather than a CT in HU?")
 
 
 def _file_sha256(path: Path) -> str:

@@ -40,6 +40,14 @@ class Reorientation:
         """Affine of the reoriented array (voxel -> RAS+ mm)."""
         return self.affine @ inv_ornt_aff(self.ornt, self.shape)
 
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        """Shape of the reoriented array."""
+        out = [0, 0, 0]
+        for axis, (target, _flip) in enumerate(self.ornt):
+            out[int(target)] = self.shape[axis]
+        return (out[0], out[1], out[2])
+
     def to_canonical(self, data: np.ndarray) -> np.ndarray:
         """Reorder a 3-D array of the input's shape to the canonical (RAS+) axis order."""
         if self.is_identity:
@@ -62,3 +70,20 @@ def reorientation(affine: Affine, shape: tuple[int, ...]) -> Reorientation:
 def axcodes(affine: Affine) -> tuple[str, str, str]:
     """Orientation codes of the array axes, e.g. ``('R', 'A', 'S')`` or ``('L', 'P', 'S')``."""
     return tuple(aff2axcodes(affine))
+
+
+def onto_grid(data: np.ndarray, affine: Affine, shape: tuple[int, ...], target_affine: Affine,
+              atol_mm: float = 1e-3) -> np.ndarray | None:
+    """``data`` (on ``affine``, voxel -> RAS+ mm) stored in the voxel order of the grid (``shape``,
+    ``target_affine``), when both grids hold the same voxels and differ only in how they are stored (axis
+    flips and permutations, e.g. the same CT saved LPS and RAS); None when the grids differ in the world.
+
+    Lossless (no interpolation). Used where an image must lie on another image's grid (a CT beside its label map).
+    """
+    a = reorientation(affine, data.shape)
+    b = reorientation(target_affine, shape)
+    if a.canonical_shape != b.canonical_shape:
+        return None
+    if not np.allclose(a.canonical_affine, b.canonical_affine, rtol=0, atol=atol_mm):
+        return None
+    return np.ascontiguousarray(b.from_canonical(a.to_canonical(data)))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import ModelError
+from ..errors import ModelError, OutputError
 from ..io.atomic import atomic_path, write_text_atomic
 from .folder import ModelFolder
 from .network import load_network, require_torch
@@ -142,6 +142,10 @@ def find_or_export_onnx(model: ModelFolder, cache_dir: Path) -> Path:
             except Exception:  # noqa: BLE001 - unreadable cache entry: re-export below
                 continue
     target = cached_onnx_path(model, cache_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the ONNX cache folder ({exc.strerror or exc})", target.parent,
+                          "set CTPASSPORT_CACHE_DIR to a writable folder") from None
     export_onnx(model, target)
     return target

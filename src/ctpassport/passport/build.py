@@ -45,7 +45,7 @@ from scipy import ndimage
 
 from ..errors import InputError
 from ..io.nifti import read_image, spacing_from_affine, validate_affine
-from ..io.orientation import axcodes
+from ..io.orientation import axcodes, onto_grid
 from ..model.classes import TOTAL_CLASSES
 from .schema import Grid, Organ, Passport, Source, save_passport
 
@@ -635,10 +635,11 @@ def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = Non
     ct = None
     if ct_path is not None:
         ct_img = read_image(ct_path, kind="CT")
-        if ct_img.shape != seg.shape or not np.allclose(ct_img.affine, seg.affine, atol=1e-3):
-            raise InputError(f"is not on the label map's grid (shape {ct_img.shape} vs {seg.shape}, or another "
-                             "affine)", ct_path, "pass the CT the label map was made from")
-        ct = ct_img.data
+        ct = onto_grid(ct_img.data, ct_img.affine, seg.shape, seg.affine)  # stored in another order: reordered
+        if ct is None:
+            raise InputError(f"is not on the label map's grid (shape {ct_img.shape}, {''.join(axcodes(ct_img.affine))}, "
+                             f"vs {seg.shape}, {''.join(axcodes(seg.affine))}, or another origin or spacing)", ct_path,
+                             "pass the CT the label map was made from")
     timings["read"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     source = Source(path=str(Path(seg_path)), sha256=_sha256(Path(seg_path)),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from ..io.atomic import check_writable, write_text_atomic
 from ..types import Affine
 from .anatomy import ANALYTIC_ORGANS, ANATOMY_VERSION, OrganTruth, Phantom, build_phantom
@@ -128,7 +129,9 @@ def write_phantom(ct: str | Path, labels: str | Path | None = None, *, seed: int
         outs["transform"] = Path(transform) if transform else fu.with_name(f"{stem}_true_transform.json")
     if truth is not None:
         outs["truth"] = Path(truth)
-    for p in outs.values():
+    for role, p in outs.items():
+        if role not in ("transform", "truth") and not p.name.endswith((".nii", ".nii.gz")):
+            raise InputError("a phantom image's name must end with .nii or .nii.gz", p)
         check_writable(p, force)
     base = make_scan(seed, spacing=spacing, orientation=orientation, oblique_deg=oblique_deg)
     grid = Grid(shape=base.ct.shape, affine=base.affine)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..errors import InputError
+from ..errors import ConfigError
 from ..types import Affine
 from .anatomy import Phantom, Structure
 from .geometry import Shape, Union
@@ -42,10 +42,10 @@ def direction_matrix(orientation: str) -> np.ndarray:
     """Columns: the world (RAS+) unit vector of each array axis for axis codes such as ``"RAS"`` or ``"LPS"``."""
     codes = orientation.upper()
     if len(codes) != 3 or any(c not in _AXIS_VECTORS for c in codes):
-        raise InputError(f"orientation {orientation!r} must be three axis codes from R/L, A/P, S/I (e.g. RAS, LPS)")
+        raise ConfigError(f"orientation {orientation!r} must be three axis codes from R/L, A/P, S/I (e.g. RAS, LPS)")
     cols = np.array([_AXIS_VECTORS[c] for c in codes], dtype=np.float64).T
     if abs(abs(np.linalg.det(cols)) - 1.0) > 1e-9:
-        raise InputError(f"orientation {orientation!r} repeats an axis; use each of R/L, A/P, S/I once")
+        raise ConfigError(f"orientation {orientation!r} repeats an axis; use each of R/L, A/P, S/I once")
     return cols
 
 
@@ -56,7 +56,7 @@ def parse_spacing(spacing: float | str | tuple[float, ...] | list[float]) -> tup
         try:
             vals = [float(p) for p in parts]
         except ValueError:
-            raise InputError(f"spacing {spacing!r} is not one or three numbers (mm)") from None
+            raise ConfigError(f"spacing {spacing!r} is not one or three numbers (mm)") from None
     elif isinstance(spacing, (int, float)):
         vals = [float(spacing)]
     else:
@@ -64,7 +64,7 @@ def parse_spacing(spacing: float | str | tuple[float, ...] | list[float]) -> tup
     if len(vals) == 1:
         vals = vals * 3
     if len(vals) != 3 or not all(0.2 <= v <= 20.0 and math.isfinite(v) for v in vals):
-        raise InputError(f"spacing {spacing!r} must be one or three values between 0.2 and 20 mm")
+        raise ConfigError(f"spacing {spacing!r} must be one or three values between 0.2 and 20 mm")
     return tuple(vals)  # type: ignore[return-value]
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import CTPassportError, InputError, RegistrationError
 from ..io.atomic import atomic_path, check_writable
 from ..io.nifti import Image3D, read_image
+from ..io.orientation import onto_grid
 from ..passport.schema import Passport
 from .api import register_passports
 from .metrics import dice, hd95, jacobian_determinant, jacobian_stats, tre_stats
@@ -511,9 +512,10 @@ def load_scene(
     ct_arr = None
     if ct is not None:
         ci = read_image(ct, kind="CT")
-        if ci.shape != img.shape or not np.allclose(ci.affine, img.affine, atol=1e-3):
-            raise InputError("is not on the label map's grid", ct)
-        ct_arr = np.asarray(ci.data, dtype=np.float32)
+        on_grid = onto_grid(ci.data, ci.affine, img.shape, img.affine)  # the same voxels stored in another order
+        if on_grid is None:
+            raise InputError("is not on the label map's grid", ct, "pass the CT the label map was made from")
+        ct_arr = np.asarray(on_grid, dtype=np.float32)
     labels = np.ascontiguousarray(img.data)
     fp = _passport(labels, img.affine, seed=0, points=points, ct=ct_arr)
     if len(fp.organs) < 3:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.folder import ModelFolder
@@ -427,7 +427,7 @@ def resolve_backend_name(name: str) -> str:
     if name == "gpu":
         name = "cuda"
     if name not in BACKENDS:
-        raise ModelError(f"unknown backend {name!r}", hint=f"known: auto, {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {name!r}", hint=f"known: auto, {', '.join(BACKENDS)}")
     why = unavailable_reason(name)
     if why:
         raise ModelError(f"backend {name!r} cannot run on this machine: {why}",

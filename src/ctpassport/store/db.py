@@ -207,8 +207,8 @@ class PassportStore:
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
-        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
-            raise ConfigError(f"cannot use database {_redact(self.url)} ({exc})") from None
+        except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:  # ValueError: e.g. a bad port
+            raise ConfigError(f"cannot use database {_redact(self.url)} ({str(exc).splitlines()[0][:200]})") from None
         if create:
             self.create_schema()
 
