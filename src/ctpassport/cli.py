@@ -953,7 +953,7 @@ def store_list_cmd(
 
     from .store.db import PassportStore
 
-    with PassportStore(db, must_exist=True) as store:
+    with PassportStore(db, read_only=True) as store:
         records = store.list(patient_id=patient_id)
     if as_json:
         for rec in records:
@@ -979,7 +979,7 @@ def store_show_cmd(
     from .passport.schema import save_passport
     from .store.db import PassportStore, record_json
 
-    with PassportStore(db, must_exist=True) as store:
+    with PassportStore(db, read_only=True) as store:
         rec = store.get(study)
     if passport_out is not None:
         check_writable(passport_out, force)
@@ -1016,7 +1016,7 @@ def store_register_cmd(
 
     _check_choice("--tier", tier, TIERS)
     check_writable(output, force, folder=True)
-    with PassportStore(db, must_exist=True) as store:
+    with PassportStore(db, read_only=True) as store:
         fixed, moving = store.get(fixed_study), store.get(moving_study)
     result = register_studies(fixed, moving, output, tier=tier, method=method, force=force)
     t = result.translation

@@ -197,6 +197,29 @@ def test_reading_never_creates_a_store_and_bad_stores_are_one_line_errors(tmp_pa
     assert res.exit_code == 2 and "blank" in res.stderr
 
 
+def test_read_only_opening_reads_and_never_writes(db_url: str, make_passport, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`store list/show/register` open the store read-only: a store on a read-only share can be read."""
+    with PassportStore(db_url) as store:
+        store.add(make_passport(), meta(1, study_key="a"))
+    with PassportStore(db_url, read_only=True) as ro:
+        assert [r.study_key for r in ro.list()] == ["a"] and ro.get("a").n_organs == 4
+        if db_url.startswith("sqlite"):  # SQLite enforces it (mode=ro); PostgreSQL reads as the same user
+            with pytest.raises(StoreError, match="readonly"):
+                ro.add(make_passport(), meta(2))
+    if db_url.startswith("sqlite"):
+        from ctpassport.store.db import _sqlite_read_only_url
+
+        path = db_url[len("sqlite:///"):]
+        assert _sqlite_read_only_url(db_url).endswith("?mode=ro&uri=true")  # its folder is writable here
+        empty = tmp_path / "empty.sqlite"
+        import sqlite3
+
+        sqlite3.connect(empty).close()
+        with pytest.raises(StoreError, match="not a passport store"):
+            PassportStore(empty, read_only=True)
+        assert Path(path).is_file()
+
+
 def test_cli_add_needs_a_source(tmp_path: Path, make_passport) -> None:  # type: ignore[no-untyped-def]
     pfile = save_passport(make_passport(), tmp_path / "p.json")  # built from arrays: no source hash
     res = CliRunner().invoke(app, ["store", "add", str(pfile), "--db", str(tmp_path / "s.sqlite")])

@@ -492,7 +492,7 @@ def store_records() -> list[Any]:
     from ..store.db import PassportStore
 
     try:
-        store_ = PassportStore(loc, create=False, must_exist=True)
+        store_ = PassportStore(loc, read_only=True)
     except InputError:  # no SQLite file yet: nothing stored (and none is created by looking)
         return []
     with store_ as store:

@@ -9,6 +9,8 @@ Backends (SQLAlchemy 2): an SQLite file (default) or PostgreSQL (``postgresql://
 * **Concurrent writers**: SQLite runs in WAL mode with a busy timeout and ``BEGIN IMMEDIATE``
   transactions (writers queue instead of failing with "database is locked"); PostgreSQL's own locking
   covers it, and the schema is created under an advisory lock.
+* **Readers** (``store list``, ``show``, ``register``, the app's list) open the store read-only: SQLite with
+  ``mode=ro`` (``immutable`` when its folder cannot be written, e.g. a read-only share), no schema creation.
 * ``study_key`` is the short name users type (``store show KEY``, ``register --fixed-study KEY``): given
   with ``--study`` or, by default, the first 12 hex digits of ``source_sha256``.
 
@@ -70,6 +72,18 @@ def resolve_db_url(db: str | Path | None = None, *, must_exist: bool = False) ->
         return value
     raise ConfigError(f"unsupported database URL scheme {scheme!r}",
                       hint="use an SQLite file path or postgresql://user@host:port/dbname")
+
+
+def _sqlite_read_only_url(url: str) -> str:
+    """``sqlite:///<path>`` opened read-only (SQLite URI ``mode=ro``): reading a store needs no write access.
+
+    A store in a folder the reader cannot write (a read-only share) is opened ``immutable``: SQLite then needs
+    no ``-shm`` file, which a WAL-mode database otherwise has to create."""
+    from urllib.parse import quote
+
+    path = url[len("sqlite:///"):]
+    params = "mode=ro" if os.access(Path(path).parent, os.W_OK) else "mode=ro&immutable=1"
+    return f"sqlite:///file:{quote(path)}?{params}&uri=true"
 
 
 def _redact(url: str) -> str:
@@ -184,32 +198,37 @@ class PassportStore:
     """
 
     def __init__(self, db: str | Path | None = None, *, create: bool = True, busy_timeout_s: float = 60.0,
-                 must_exist: bool = False) -> None:
+                 must_exist: bool = False, read_only: bool = False) -> None:
         from sqlalchemy import create_engine, event
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-        self.url = resolve_db_url(db, must_exist=must_exist)
+        self.url = resolve_db_url(db, must_exist=must_exist or read_only)
+        self.read_only = read_only
         try:
             if self.url.startswith("sqlite"):
-                self.engine = create_engine(self.url, connect_args={"timeout": busy_timeout_s})
+                self.engine = create_engine(_sqlite_read_only_url(self.url) if read_only else self.url,
+                                            connect_args={"timeout": busy_timeout_s})
 
                 @event.listens_for(self.engine, "connect")
                 def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
                     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below)
                     cur = dbapi_conn.cursor()
                     cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-                    cur.execute("PRAGMA journal_mode = WAL")
+                    if not read_only:  # setting the journal mode writes; a reader takes the file as it is
+                        cur.execute("PRAGMA journal_mode = WAL")
                     cur.execute("PRAGMA foreign_keys = ON")
                     cur.close()
 
                 @event.listens_for(self.engine, "begin")
                 def _sqlite_begin(conn: Any) -> None:
-                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
         except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:  # ValueError: e.g. a bad port
             raise ConfigError(f"cannot use database {_redact(self.url)} ({str(exc).splitlines()[0][:200]})") from None
-        if create:
+        if read_only:
+            self.check_schema()
+        elif create:
             self.create_schema()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -232,6 +251,20 @@ class PassportStore:
         except DatabaseError as exc:  # unreachable, locked, or not a database at all
             msg = str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0][:200]
             raise StoreError(f"database {_redact(self.url)}: {msg}") from None
+
+    def check_schema(self) -> None:
+        """Check, reading only, that the database is a passport store this ctpassport understands."""
+        from sqlalchemy import inspect, select
+
+        md, _studies, meta = _models()
+        with self._begin() as conn:
+            names = set(inspect(conn).get_table_names())
+            if not {tb.name for tb in md.sorted_tables} <= names:
+                raise StoreError(f"database {_redact(self.url)} is not a passport store (no ctpassport tables)")
+            row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
+        if row is not None and int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"the store has schema version {row[0]}; this ctpassport knows {SCHEMA_VERSION}",
+                             hint="upgrade ctpassport")
 
     def create_schema(self) -> None:
         """Create the tables when missing (safe under concurrency) and record the schema version."""
