@@ -90,6 +90,13 @@ def test_locate_by_env_and_path(standin_home: Path, tmp_path: Path) -> None:
     assert locate_model(standin_home) == trainer
     assert locate_model(trainer) == trainer
     assert locate_model(trainer / "fold_0" / "checkpoint_final.pth") == trainer
+    # every level a user may point at: the fold, the Dataset297 folder, the home's nnunet folder
+    for level in (trainer / "fold_0", trainer.parent, standin_home / "nnunet", standin_home / "nnunet" / "results"):
+        assert locate_model(level) == trainer, level
+    best = tmp_path / "best.pth"
+    best.write_bytes(b"")
+    with pytest.raises(ModelError, match="loads fold_0/checkpoint_final.pth, as TotalSegmentator does"):
+        locate_model(best)  # another checkpoint than the one that would load is refused, not swapped silently
     with pytest.raises(ModelError, match="no TotalSegmentator fast-model weights found"):
         locate_model(environ={"TOTALSEG_HOME_DIR": str(tmp_path / "empty")})
     with pytest.raises(ModelError, match="does not exist"):
@@ -114,7 +121,18 @@ def test_wrong_number_of_classes(folder_copy: Path) -> None:
     ds = json.loads((folder_copy / "dataset.json").read_text())
     ds["labels"] = {k: v for k, v in ds["labels"].items() if v < 100}
     (folder_copy / "dataset.json").write_text(json.dumps(ds))
-    with pytest.raises(ModelError, match="predicts 118 classes but dataset.json lists 100"):
+    with pytest.raises(ModelError, match="does not list TotalSegmentator's 117 'total' classes"):
+        load_model_folder(folder_copy)
+
+
+def test_another_models_labels_are_refused_not_renamed(folder_copy: Path) -> None:
+    """A TotalSegmentator subtask's folder (e.g. Dataset292, label 1 = sacrum) would be run and written with the
+    total model's names (label 1 = spleen): refused, naming the first label that differs."""
+    ds = json.loads((folder_copy / "dataset.json").read_text())
+    swap = {"spleen": "sacrum", "sacrum": "spleen"}  # label 1 is called sacrum, label 25 spleen
+    ds["labels"] = {swap.get(k, k): v for k, v in ds["labels"].items()}
+    (folder_copy / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(ModelError, match="label 1 is 'sacrum', expected 'spleen'"):
         load_model_folder(folder_copy)
 
 
@@ -141,3 +159,55 @@ def test_broken_json(folder_copy: Path) -> None:
     (folder_copy / "plans.json").write_text("{ not json")
     with pytest.raises(ModelError, match="plans.json is not valid JSON"):
         load_model_folder(folder_copy)
+
+
+def _numpy1_pickle(path: Path) -> None:
+    """Rewrite a torch checkpoint as numpy 1.x pickled it (``numpy.core.multiarray.*``; numpy 2 writes
+    ``numpy._core``): how nnU-Net's released checkpoints name the numpy scalars in their training logs."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zin:
+        items = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zout:
+        for name, data in items:
+            if name.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(name, data)
+
+
+@pytest.mark.parametrize("prefix", ["", "_orig_mod.", "module."])
+def test_checkpoints_as_nnunet_trainers_save_them(folder_copy: Path, prefix: str) -> None:
+    """A training checkpoint as nnU-Net writes it (optimizer state, numpy scalars in the logs, pickled under
+    numpy 1.x; weights of a torch.compile'd or DDP network carry a prefix) loads to the same network."""
+    import numpy as np
+    import torch
+
+    from ctpassport.model.network import load_checkpoint, load_network
+
+    ck = folder_copy / "fold_0" / "checkpoint_final.pth"
+    ref = load_network(load_model_folder(folder_copy)).state_dict()
+    raw = torch.load(ck, map_location="cpu", weights_only=True)
+    raw["network_weights"] = {prefix + k: v for k, v in raw["network_weights"].items()}
+    raw["logging"] = {"ema_fg_dice": [np.float64(0.5), np.float64(0.6)], "epoch": np.int64(3)}
+    raw["_best_ema"] = np.float64(0.61)
+    raw["optimizer_state"] = {"state": {}, "param_groups": [{"lr": 0.01}]}
+    torch.save(raw, ck)
+    _numpy1_pickle(ck)
+    assert float(load_checkpoint(ck)["_best_ema"]) == pytest.approx(0.61)
+    got = load_network(load_model_folder(folder_copy)).state_dict()
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_refused_pickle_global_is_named_in_one_line(folder_copy: Path) -> None:
+    import fractions
+
+    import torch
+
+    from ctpassport.model.network import load_checkpoint
+
+    ck = folder_copy / "fold_0" / "checkpoint_final.pth"
+    torch.save({"network_weights": {}, "extra": fractions.Fraction(1, 3)}, ck)
+    with pytest.raises(ModelError, match=r"it holds fractions\.Fraction, which a weights-only load does not allow") as e:
+        load_checkpoint(ck)
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)

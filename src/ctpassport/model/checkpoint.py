@@ -120,4 +120,18 @@ def network_weight_shapes(structure: dict[str, Any], path: Path | None = None) -
     weights = structure.get("network_weights")
     if not isinstance(weights, dict) or not weights:
         raise ModelError("checkpoint has no 'network_weights' (not an nnU-Net v2 checkpoint)", path)
-    return {str(k): v.shape for k, v in weights.items() if isinstance(v, TensorInfo)}
+    return {k: v.shape for k, v in unwrap_state_keys(weights).items() if isinstance(v, TensorInfo)}
+
+
+#: Prefixes a training wrapper adds to every parameter name: ``torch.compile`` and DistributedDataParallel.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrap_state_keys(state: dict[Any, Any]) -> dict[str, Any]:
+    """``state`` with a prefix that :data:`WRAPPER_PREFIXES` names removed when *every* key carries it (a
+    checkpoint saved from a compiled or DDP-wrapped network), as nnU-Net's trainer does when loading one."""
+    out = {str(k): v for k, v in state.items()}
+    for prefix in WRAPPER_PREFIXES:
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    return out

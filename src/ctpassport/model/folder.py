@@ -273,6 +273,15 @@ def load_model_folder(path: str | Path, *, check_checkpoint: bool = True) -> Mod
                          dataset_path) from None
     if sorted(labels) != list(range(len(labels))):
         raise ModelError("dataset.json label ids must be 0..N-1", dataset_path)
+    from .classes import TOTAL_CLASSES
+
+    other = [(k, name) for k, name in sorted(labels.items()) if k and TOTAL_CLASSES.get(k) != name]
+    if other or len(labels) != len(TOTAL_CLASSES) + 1:
+        k, name = other[0] if other else (len(labels), "?")
+        raise ModelError(
+            f"dataset.json does not list TotalSegmentator's {len(TOTAL_CLASSES)} 'total' classes ({len(labels) - 1} "
+            f"labels; label {k} is {name!r}, expected {TOTAL_CLASSES.get(k)!r}): another model", dataset_path,
+            "pass the fast total model (Dataset297) or a TotalSegmentator home dir")
     ckpt = p / "fold_0" / CHECKPOINT_NAME
     if not ckpt.is_file():
         raise ModelError("model folder has no checkpoint", ckpt,
@@ -330,8 +339,9 @@ def is_demo_alias(path: str | Path | None) -> bool:
 def locate_model(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Path:
     """Find the fast model's trainer folder.
 
-    ``path`` may be the trainer folder itself, a TotalSegmentator home dir, an nnU-Net ``results`` folder,
-    or a checkpoint file; without it ``$TOTALSEG_WEIGHTS_PATH``, ``$TOTALSEG_HOME_DIR`` and
+    ``path`` may be the trainer folder itself (or its ``fold_0`` folder or ``fold_0/checkpoint_final.pth``), a
+    TotalSegmentator home dir (or its ``nnunet`` folder), an nnU-Net ``results`` folder or the ``Dataset297_*``
+    folder; without it ``$TOTALSEG_WEIGHTS_PATH``, ``$TOTALSEG_HOME_DIR`` and
     ``~/.totalsegmentator`` are searched, like TotalSegmentator does. ``"demo"`` (when no such file or
     folder exists) names the embedded demo model, which does not generalise to real patients.
     """
@@ -344,10 +354,17 @@ def locate_model(path: str | Path | None = None, environ: dict[str, str] | None 
         if not p.exists():
             raise ModelError("model path does not exist", p)
         if p.is_file() and p.suffix == ".pth":
+            if p.name != CHECKPOINT_NAME or p.parent.name != "fold_0":
+                raise ModelError(f"ctpassport loads fold_0/{CHECKPOINT_NAME}, as TotalSegmentator does, not this "
+                                 "checkpoint", p, "pass the trainer folder (or copy the weights you want there)")
             p = p.parent.parent
+        if p.name.startswith("fold_") and (p.parent / "plans.json").is_file():
+            p = p.parent  # a fold folder: its trainer folder
         if (p / "plans.json").is_file():
             return p
-        for results in (p / "nnunet" / "results", p):
+        if (p / FAST_TRAINER_FOLDER / "plans.json").is_file():
+            return p / FAST_TRAINER_FOLDER  # the Dataset297_* folder
+        for results in (p / "nnunet" / "results", p / "results", p):  # a home, its nnunet folder, results
             found = _trainer_folder_in(results)
             if found is not None:
                 return found

@@ -7,6 +7,7 @@ The network is dynamic-network-architectures' own class, constructed from the pl
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,13 +81,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined, no-redef, unused-ignore]
     safe += [scalar, _reconstruct]
+    # checkpoints written under numpy 1.x (nnU-Net's released weights) name them numpy.core.multiarray.*
+    safe += [(scalar, "numpy.core.multiarray.scalar"), (_reconstruct, "numpy.core.multiarray._reconstruct")]
     safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        raise ModelError(f"cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
-                         path) from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours its message for terminals
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        why = f"it holds {refused.group(1)}, which a weights-only load does not allow" if refused else \
+            f"{type(exc).__name__}: {text.strip().splitlines()[0][:160] if text.strip() else ''}"
+        raise ModelError(f"cannot load checkpoint ({why})", path) from None
 
 
 def load_network(model: ModelFolder) -> torch.nn.Module:
@@ -96,8 +102,10 @@ def load_network(model: ModelFolder) -> torch.nn.Module:
     state = ckpt.get("network_weights")
     if not isinstance(state, dict):
         raise ModelError("checkpoint has no 'network_weights'", model.checkpoint)
+    from .checkpoint import unwrap_state_keys
+
     try:
-        net.load_state_dict(state)
+        net.load_state_dict(unwrap_state_keys(state))
     except RuntimeError as exc:
         first = str(exc).splitlines()[0][:200]
         raise ModelError(f"checkpoint weights do not fit plans.json's network ({first})", model.checkpoint) from None
