@@ -773,6 +773,15 @@ def _parse_cpus(text: str | None) -> list[int] | None:
     return sorted(cpus)
 
 
+def _remove_bench_report(folder: Path) -> None:
+    """Remove an earlier benchmark's report files and logs from ``folder`` (kept: its inputs and work caches)."""
+    import shutil
+
+    for name in ("results.json", "report.md", "latency.png", "dice.png"):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / "logs", ignore_errors=True)
+
+
 @app.command("bench")
 @handle_errors
 def bench_cmd(
@@ -812,10 +821,17 @@ def bench_cmd(
 
     for path in collect_inputs(list(input))[0]:  # fail on missing or unreadable inputs before anything is written
         read_image(path, kind="CT")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    existed = output.exists()
+    rerun = existed and (not output.is_dir() or any(output.iterdir()))
+    if rerun:
         # a report folder is written into (inputs/, work/ and outputs/ are replaced): only an earlier report
         # folder (it holds ctpassport's output marker) and only with --force
         check_writable(output, force, folder=True)
+    from .model.folder import load_model_folder, locate_model
+
+    load_model_folder(locate_model(model))  # a missing or broken model fails before anything is written too
+    if rerun:
+        _remove_bench_report(output)  # a rerun that fails must not leave the last run's report looking current
     output.mkdir(parents=True, exist_ok=True)
     mark_output_folder(output)
     parts = ["ctpassport bench"] + [f"-i {p}" for p in input] + ([f"--model {model}"] if model else [])
@@ -836,8 +852,15 @@ def bench_cmd(
         def on_progress(done: int, total: int, what: str) -> None:
             progress.update(task, total=total, completed=done, description=f"Benchmark: {what}"[:60])
 
-        results = run_benchmark(settings, log=lambda m: progress.update(task, description=m[:60]),
-                                progress=on_progress)
+        try:
+            results = run_benchmark(settings, log=lambda m: progress.update(task, description=m[:60]),
+                                    progress=on_progress)
+        except BaseException:
+            if not existed:  # a failed or interrupted first run leaves no half report folder behind
+                import shutil
+
+                shutil.rmtree(output, ignore_errors=True)
+            raise
     paths = write_all(results, output)
     for c in results["cases"] if not quiet else []:
         typer.echo(f"\n{c['name']} ({' x '.join(map(str, c['shape']))}):")

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from ctpassport.bench.memory import PeakMemory, reset_peak
 from ctpassport.bench.metrics import agreement, dice_per_class, summarize
 from ctpassport.cli import app
+from ctpassport.io.atomic import OUTPUT_MARKER
 
 runner = CliRunner()
 
@@ -41,6 +42,9 @@ def test_dice_and_agreement_analytic() -> None:
     assert a["mean_dice"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert a["agreement_margin_0.5"] == 1.0 and a["confident_fraction_0.5"] == 0.499
     assert a["voxel_agreement"] == pytest.approx(1 - 251 / 1000)
+    big = agreement(pred, ref, names, voxel_ml=0.01)  # 500 voxels = 5 ml, 100 = 1 ml, 1 voxel = 0.01 ml
+    assert big["mean_dice_1ml"] == pytest.approx((2 / 3 + 1) / 2) and big["organs_below_1ml"] == ["stomach"]
+    assert agreement(pred, ref, names, voxel_ml=1e-6)["mean_dice_1ml"] is None  # no organ to judge: no figure
     s = summarize([3.0, 1.0, 2.0, 10.0])
     assert s["min"] == 1.0 and s["median"] == 2.5 and s["max"] == 10.0 and 3.0 < s["p95"] < 10.0
 
@@ -131,6 +135,23 @@ def test_bench_tiny_end_to_end(tiny_home: Path, ct_dir: Path, tmp_path: Path) ->
     assert again.exit_code == 4 and "--force" in again.stderr
 
 
+def test_without_vanilla_the_exact_onnx_run_is_the_reference(tiny_home: Path, ct_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["bench", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "--model", str(tiny_home), "-o",
+                              str(out), "--configs", "onnx,onnx-fast", "--repeat", "1", "--warmup", "0",
+                              "--passport-speed", "off", "-q"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())
+    assert r["settings"]["reference"] == "onnx"
+    per = r["summary"]["example_ct_sm"]
+    assert per["onnx-fast"]["speedup_median"] == pytest.approx(per["onnx"]["total_s"]["median"]
+                                                              / per["onnx-fast"]["total_s"]["median"])
+    assert 0.9 <= r["agreement"]["example_ct_sm"]["onnx-fast"]["voxel_agreement"] <= 1.0
+    assert all(run["memory_method"] for run in r["runs"])
+    md = (out / "report.md").read_text()
+    assert "Agreement is against `onnx`'s output" in md and r["machine"]["auto_backend_reason"] in md
+
+
 def test_bench_rejects_bad_options(tmp_path: Path, ct_dir: Path) -> None:
     ct = str(ct_dir / "example_ct_sm.nii.gz")
     res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--configs", "vanilla,fastest"])
@@ -149,6 +170,33 @@ def test_bench_rejects_bad_options(tmp_path: Path, ct_dir: Path) -> None:
     res = runner.invoke(app, ["bench", "-i", str(tmp_path / "notes.nii.gz"), "-o", str(tmp_path / "r")])
     assert res.exit_code == 2 and "notes.nii.gz" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()  # nothing made before the inputs were read
+
+
+def test_bench_fails_before_writing_and_a_failed_run_leaves_no_report(tmp_path: Path, ct_dir: Path,
+                                                                       tiny_home: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    ct = str(ct_dir / "example_ct_sm.nii.gz")
+    res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--model", str(tmp_path / "nomodel"),
+                              "--configs", "onnx", "-q"])
+    assert res.exit_code == 3 and len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+    import ctpassport.bench.runner as bench_runner
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_runner, "run_benchmark", interrupted)
+    args = ["bench", "-i", ct, "--model", str(tiny_home), "--configs", "onnx", "-q"]
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "new")])
+    assert res.exit_code == 130 and not (tmp_path / "new").exists()  # a first run leaves no half folder
+    old = tmp_path / "old"  # a --force rerun removes the last report first: a failed rerun shows no stale one
+    old.mkdir()
+    (old / OUTPUT_MARKER).write_text("")
+    for name in ("results.json", "report.md", "latency.png", "dice.png"):
+        (old / name).write_text("from an earlier run")
+    res = runner.invoke(app, [*args, "-o", str(old), "--force"])
+    assert res.exit_code == 130 and old.is_dir() and not (old / "report.md").exists()
+    assert not (old / "results.json").exists()
 
 
 def test_bench_never_writes_into_a_folder_it_did_not_make(tmp_path: Path, ct_dir: Path) -> None:

@@ -52,7 +52,7 @@ def gpu_info() -> dict[str, Any]:
 
 def machine_info() -> dict[str, Any]:
     """A JSON-serialisable description of this machine and its software."""
-    from ..segment.backends import auto_backend, cpu_flags, cpu_model_name
+    from ..segment.backends import auto_backend, auto_backend_reason, cpu_flags, cpu_model_name
 
     flags = cpu_flags()
     try:
@@ -70,5 +70,6 @@ def machine_info() -> dict[str, Any]:
         "libraries": library_versions(),
         "gpu": gpu_info(),
         "auto_backend_cpu": auto_backend("cpu"),
+        "auto_backend_reason": auto_backend_reason("cpu"),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }

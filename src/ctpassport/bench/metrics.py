@@ -48,7 +48,8 @@ def agreement(pred: np.ndarray, ref: np.ndarray, names: dict[int, str],
     """Dice per organ (by name), mean Dice, voxel agreement, margin-restricted agreement, missing/extra.
 
     With ``voxel_ml`` (the volume of one voxel in ml) also ``mean_dice_1ml``: the mean over the organs of at
-    least :data:`MIN_ORGAN_ML` in ``ref`` or in ``pred``, and ``organs_below_1ml`` (the others' names).
+    least :data:`MIN_ORGAN_ML` in ``ref`` or in ``pred`` (None when no organ is that large), and
+    ``organs_below_1ml`` (the others' names).
     """
     d = dice_per_class(pred, ref)
     present_ref = {int(k) for k in np.unique(ref) if k}
@@ -66,7 +67,7 @@ def agreement(pred: np.ndarray, ref: np.ndarray, names: dict[int, str],
         counts = np.maximum(np.bincount(np.asarray(ref, dtype=np.int64).ravel(), minlength=256),
                             np.bincount(np.asarray(pred, dtype=np.int64).ravel(), minlength=256))
         big = [k for k in d if counts[k] * voxel_ml >= MIN_ORGAN_ML]
-        out["mean_dice_1ml"] = float(np.mean([d[k] for k in big])) if big else 1.0
+        out["mean_dice_1ml"] = float(np.mean([d[k] for k in big])) if big else None  # nothing to judge
         out["organs_below_1ml"] = sorted(names.get(k, str(k)) for k in d if k not in big)
     if margin is not None:
         if margin.shape != pred.shape:

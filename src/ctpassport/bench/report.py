@@ -33,7 +33,7 @@ def markdown_table(results: dict[str, Any], case: str) -> str:
     cfgs = results["configs"]
     ref = results["settings"].get("reference")
     head = ("| configuration | backend | median s | min s | p95 s | speedup (median) | speedup (min) | "
-            "speedup (CPU s) | peak memory MB | mean Dice | voxel agreement | agreement, margin > 0.5 | "
+            "speedup (CPU s) | peak memory MiB | mean Dice | voxel agreement | agreement, margin > 0.5 | "
             "missing / extra organs |")
     rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for name, e in per.items():
@@ -90,6 +90,7 @@ def targets_text(results: dict[str, Any]) -> str:
                          + ("yes" if t["memory_le_half_of_vanilla_on_largest"] else "NO"))
         if "mean_dice_bar" in t:
             parts.append("mean Dice (organs >= 1 ml) bar: " + ", ".join(
+                f"{c} n/a (no organ of 1 ml)" if v["value"] is None else
                 f"{c} {v['value']:.4f} >= {v['bar']} {'yes' if v['pass'] else 'NO'}" for c, v in t["mean_dice_bar"].items()))
         if "agreement_margin_0.5_ge_0.999" in t:
             parts.append("agreement on margin > 0.5 >= 0.999: " + ", ".join(
@@ -122,6 +123,11 @@ def passport_text(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _memory_methods(results: dict[str, Any]) -> set[str]:
+    """How the workers measured their peak memory in this run (see :mod:`.memory`)."""
+    return {str(r["memory_method"]) for r in results.get("runs", []) if r.get("memory_method")}
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> Path:
     m = results["machine"]
     s = results["settings"]
@@ -137,6 +143,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         f"Threads per configuration: {s['threads'] or 'all allowed'}; CPU affinity: {s['cpus'] or 'not pinned'}.",
         f"Model: `{model['model_id']}` ({model.get('kind', 'unknown')}; features {model['features_per_stage']}).",
         f"GPU: {m['gpu'].get('name') or m['gpu'].get('note')}.",
+        (f"Backend `auto` (the `optimized` configuration) here: {m['auto_backend_reason']}."
+         if m.get("auto_backend_reason") else ""),
         "",
         f"Command: `{results['command']}`" if results.get("command") else "",
         "",
@@ -151,7 +159,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         (f"Seconds from reading the CT to the written label map (and passport where the pipeline makes one), "
         f"{s['repeat']} repeats after {s['warmup']} warm-up run(s); all configurations interleaved per case, "
         f"their order rotating each round. Speedups are relative to `{s.get('reference') or '-'}` in this run: "
-        "median/median, min/min and CPU-seconds/CPU-seconds. Agreement is against vanilla's output "
+        f"median/median, min/min and CPU-seconds/CPU-seconds. Agreement is against `{s.get('reference') or '-'}`'s output "
         "(Dice over the organs present in either map; margin > 0.5: voxels where the exact fp32 logits' "
         "top-2 margin exceeds 0.5)."),
         "",
@@ -182,9 +190,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
     out += ["", "## How it was measured", "",
             ("- Each configuration runs in a worker process of its own (model loaded once), driven by one "
             "`ctpassport bench` process; vanilla calls TotalSegmentator's Python API in its worker."),
-            ("- Peak memory per run: the worker's `VmHWM`, reset before each run through "
-            "`/proc/self/clear_refs`, combined with the sampled PSS of its child processes (TotalSegmentator "
-            "spawns preprocessing/export processes)."),
+            ("- Peak memory per run (MiB) of the worker and its child processes (TotalSegmentator spawns "
+            f"preprocessing/export processes), measured by: {'; '.join(sorted(_memory_methods(results))) or '-'}."),
             "- CPU seconds: user + system time of the worker and its children for the run.",
             "- The machine may be shared: compare configurations within this run (ratios), not across runs.",
             ]
@@ -211,9 +218,10 @@ def plot_latency(results: dict[str, Any], path: Path) -> Path:
             vals = [per[n]["stages_median_s"].get(st, 0.0) for n in names]
             ax.bar(names, vals, bottom=bottom, color=STAGE_COLORS.get(st, "#999999"), label=st)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        for i, n in enumerate(names):
+        for i, n in enumerate(names):  # the label is the median total (the tables' figure), not the stack's sum
             sp = per[n].get("speedup_median")
-            ax.text(i, bottom[i], f"{bottom[i]:.1f} s" + (f"\n{sp:.1f}x" if sp and n != "vanilla" else ""),
+            total = per[n]["total_s"]["median"]
+            ax.text(i, bottom[i], f"{total:.1f} s" + (f"\n{sp:.1f}x" if sp and n != "vanilla" else ""),
                     ha="center", va="bottom", fontsize=8)
         ax.set_title(case, fontsize=9)
         ax.set_ylabel("seconds (median)")
@@ -242,21 +250,24 @@ def plot_dice(results: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(max(1, len(cases)), 1, figsize=(16, 3.6 * max(1, len(cases))), squeeze=False)
     if not cases:
         ax = axes[0][0]
-        ax.text(0.5, 0.5, "no reference (vanilla) in this run: no agreement to plot", ha="center", va="center")
+        ax.text(0.5, 0.5, "no reference (vanilla or onnx) in this run: no agreement to plot", ha="center",
+                va="center")
         ax.set_axis_off()
     markers = "osD^v<>ph*"
     for ax, case in zip(axes[:, 0], cases):
         organs = sorted({o for a in agree[case].values() for o in a["dice"]}, key=lambda o: NAME_TO_ID.get(o, 999))
         for k, (name, a) in enumerate(agree[case].items()):
-            ax.plot(range(len(organs)), [a["dice"].get(o, 0.0) for o in organs], markers[k % len(markers)],
+            # an organ this configuration and the reference both lack has no Dice (a gap, not 0)
+            ax.plot(range(len(organs)), [a["dice"].get(o, float("nan")) for o in organs], markers[k % len(markers)],
                     ms=4, alpha=0.8, label=f"{name} (mean {a['mean_dice']:.4f})")
         ax.set_xticks(range(len(organs)))
         ax.set_xticklabels(organs, rotation=90, fontsize=6)
         ax.set_ylim(min(0.9, min((v for a in agree[case].values() for v in a["dice"].values()), default=1)) - 0.02,
                     1.005)
         ax.axhline(0.99, color="grey", lw=0.6, ls="--")
-        ax.set_ylabel("Dice vs vanilla")
-        ax.set_title(f"{case}: per-organ agreement with TotalSegmentator", fontsize=9)
+        ref = results["settings"].get("reference") or "-"
+        ax.set_ylabel(f"Dice vs {ref}")
+        ax.set_title(f"{case}: per-organ agreement with {ref}", fontsize=9)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -269,7 +280,7 @@ def readme_table(results: dict[str, Any]) -> str:
     """One compact table of all cases (for the README): end-to-end seconds, speedups, memory, agreement."""
     cfgs = results["configs"]
     ref = results["settings"].get("reference")
-    head = ("| input | configuration | backend | median s (min) | speedup vs vanilla | peak memory MB | "
+    head = ("| input | configuration | backend | median s (min) | speedup vs vanilla | peak memory MiB | "
             "mean Dice | agreement, margin > 0.5 |")
     rows = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for c in results["cases"]:

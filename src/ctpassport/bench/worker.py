@@ -135,7 +135,10 @@ class VanillaRunner:
         DataobjImage.get_fdata = clock.wrap(  # type: ignore[method-assign]
             DataobjImage.get_fdata, lambda a, k: "postprocess" if clock.predicted else "load")
         self.totalsegmentator = totalsegmentator
-        self.info = {"backend": "pytorch (TotalSegmentator 2.18)", "mode": "vanilla", "precision": "fp32",
+        from importlib.metadata import version
+
+        self.info = {"backend": f"pytorch (TotalSegmentator {version('TotalSegmentator')})", "mode": "vanilla",
+                     "precision": "fp32",
                      "import_s": round(self.import_seconds, 3), "model_load_s": None,
                      "torch_threads": torch.get_num_threads()}
 

@@ -420,6 +420,20 @@ def auto_backend(device: str = "cpu") -> str:
     return "onnxruntime"
 
 
+def auto_backend_reason(device: str = "cpu") -> str:
+    """Why :func:`auto_backend` picks what it picks on this machine (one sentence, for reports)."""
+    choice = auto_backend(device)
+    if choice == "cuda":
+        return "cuda: a CUDA GPU is present and --device gpu was asked"
+    if choice == "openvino-bf16":
+        have = [f for f in ("amx_bf16", "avx512_bf16") if f in cpu_flags()]
+        return (f"openvino-bf16: the CPU computes bfloat16 natively ({', '.join(have)}), and bf16 keeps parity; "
+                "int8 is never chosen automatically")
+    if choice == "openvino":
+        return "openvino (fp32): OpenVINO is installed but the CPU has no native bfloat16 (AMX/AVX512-BF16)"
+    return "onnxruntime (fp32): OpenVINO is not installed"
+
+
 def resolve_backend_name(name: str) -> str:
     """Map ``auto`` (or ``None``) to :func:`auto_backend`; check that a named backend exists and can run here."""
     if name in (None, "", "auto"):
