@@ -228,3 +228,13 @@ def test_bench_variants_of_inputs_named_alike_are_kept_apart(tmp_path: Path, ct_
     vb = make_variant(tmp_path / "b" / "ct.nii.gz", (6.0, 6.0, 6.0), tmp_path / "cache")
     assert va != vb and nib.load(str(va)).shape != nib.load(str(vb)).shape
     assert make_variant(tmp_path / "a" / "ct.nii.gz", (6.0, 6.0, 6.0), tmp_path / "cache") == va  # cached
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", "cpu"), ("gpu", "gpu"), ("cuda", "gpu")])
+def test_vanilla_gets_totalsegmentators_device_names(tiny_home: Path, tmp_path: Path, device: str,
+                                                     expected: str) -> None:
+    """TotalSegmentator's API takes 'gpu' or 'cpu' (it rejects 'cuda'): the vanilla worker is told that."""
+    from ctpassport.bench.runner import CONFIGS, BenchSettings, _worker_spec
+
+    s = BenchSettings(inputs=[], model=str(tiny_home), out_dir=tmp_path, configs=[CONFIGS["vanilla"]], device=device)
+    assert _worker_spec(CONFIGS["vanilla"], s, tmp_path)["device"] == expected
