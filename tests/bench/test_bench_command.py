@@ -148,6 +148,9 @@ def test_without_vanilla_the_exact_onnx_run_is_the_reference(tiny_home: Path, ct
                                                               / per["onnx-fast"]["total_s"]["median"])
     assert 0.9 <= r["agreement"]["example_ct_sm"]["onnx-fast"]["voxel_agreement"] <= 1.0
     assert all(run["memory_method"] for run in r["runs"])
+    case = r["cases"][0]  # what a rerun must match: the input's bytes and the code that ran
+    assert len(case["sha256"]) == 64 and case["bytes"] == (ct_dir / "example_ct_sm.nii.gz").stat().st_size
+    assert "ctpassport_source" in r and r["machine"]["physical_cores"] >= 1
     md = (out / "report.md").read_text()
     assert "Agreement is against `onnx`'s output" in md and r["machine"]["auto_backend_reason"] in md
 

@@ -35,6 +35,8 @@ class Case:
     voxels: int
     derived_from: str | None = None
     variant: str | None = None
+    sha256: str = ""  # of the file's bytes: which input a result belongs to
+    bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +71,7 @@ def _stem(path: Path) -> str:
 def describe(path: Path, name: str | None = None, *, derived_from: str | None = None,
              variant: str | None = None) -> Case:
     """A :class:`Case` for a NIfTI CT (reads the header only)."""
+    from ..io.load import source_sha256
     from ..io.nifti import load_nifti, spacing_from_affine
     from ..io.orientation import axcodes
 
@@ -77,7 +80,7 @@ def describe(path: Path, name: str | None = None, *, derived_from: str | None = 
     return Case(name=name or _stem(path), path=str(path), shape=shape,  # type: ignore[arg-type]
                 spacing_mm=tuple(round(float(s), 4) for s in spacing_from_affine(img.affine)),  # type: ignore[arg-type]
                 orientation="".join(axcodes(img.affine)), voxels=int(np.prod(shape)), derived_from=derived_from,
-                variant=variant)
+                variant=variant, sha256=source_sha256(path), bytes=Path(path).stat().st_size)
 
 
 def is_label_map(path: Path) -> bool:

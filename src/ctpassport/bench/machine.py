@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 #: Distributions whose versions go into the report (those not installed are listed as null).
@@ -50,6 +51,21 @@ def gpu_info() -> dict[str, Any]:
             "cuda": torch.version.cuda}
 
 
+def physical_cores() -> int | None:
+    """Physical cores (distinct physical id / core id pairs of ``/proc/cpuinfo``), None where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    cores = set()
+    for block in text.split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "core id" in fields:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or None
+
+
 def machine_info() -> dict[str, Any]:
     """A JSON-serialisable description of this machine and its software."""
     from ..segment.backends import auto_backend, auto_backend_reason, cpu_flags, cpu_model_name
@@ -62,6 +78,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu_model": cpu_model_name(),
         "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
         "affinity": affinity,
         "cpu_features": {f: f in flags for f in CPU_FEATURES},
         "memory_total_mb": memory_total_mb(),

@@ -123,6 +123,15 @@ def passport_text(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _source_line(results: dict[str, Any]) -> str:
+    """Which ctpassport ran (version, git commit) and the inputs' SHA-256: what a rerun must match."""
+    src = results.get("ctpassport_source") or {}
+    rev = (f", commit {src['git_commit'][:12]}" + (" with uncommitted changes" if src.get("uncommitted_changes") else "")
+           if src.get("git_commit") else "")
+    inputs = "; ".join(f"{c['name']} sha256 {c['sha256'][:16]}" for c in results.get("cases", []) if c.get("sha256"))
+    return f"ctpassport {results.get('ctpassport_version')}{rev}. Inputs: {inputs or '-'}."
+
+
 def _memory_methods(results: dict[str, Any]) -> set[str]:
     """How the workers measured their peak memory in this run (see :mod:`.memory`)."""
     return {str(r["memory_method"]) for r in results.get("runs", []) if r.get("memory_method")}
@@ -147,6 +156,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
          if m.get("auto_backend_reason") else ""),
         "",
         f"Command: `{results['command']}`" if results.get("command") else "",
+        "",
+        _source_line(results),
         "",
         f"Libraries: {libs}.",
         "",

@@ -209,6 +209,24 @@ def _totalseg_env(model: Path | None, work: Path) -> dict[str, str]:
     return {"TOTALSEG_HOME_DIR": str(work / "totalseg_home"), "TOTALSEG_WEIGHTS_PATH": str(weights)}
 
 
+def _source_revision() -> dict[str, Any] | None:
+    """The git commit (and whether the tree had changes) of the ctpassport checkout that ran, or None when it
+    is not a git checkout (an installed wheel: its version says it)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"git_commit": commit, "uncommitted_changes": dirty}
+
+
 def _worker_spec(cfg: ConfigSpec, s: BenchSettings, work: Path) -> dict[str, Any]:
     from ..config import Config
 
@@ -343,6 +361,7 @@ def run_benchmark(s: BenchSettings, *, log: Callable[[str], None] = lambda m: No
     results: dict[str, Any] = {
         "benchmark": "ctpassport bench",
         "ctpassport_version": __version__,
+        "ctpassport_source": _source_revision(),
         "command": s.command,
         "started": started.isoformat(timespec="seconds"),
         "finished_runs": finished_runs.isoformat(timespec="seconds"),
