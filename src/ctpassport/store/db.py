@@ -192,18 +192,18 @@ def parse_date(value: str | date | None) -> date | None:
 
 
 class PassportStore:
-    """A connection to the store at ``db`` (see :func:`resolve_db_url`); creates the schema if needed.
+    """A connection to the store at ``db`` (see :func:`resolve_db_url`); creates the schema if needed, or with
+    ``read_only`` opens an existing store for reading only (its schema checked, never created).
 
     Safe to use from several processes at once. Close with :meth:`close` (or use as a context manager).
     """
 
-    def __init__(self, db: str | Path | None = None, *, create: bool = True, busy_timeout_s: float = 60.0,
-                 must_exist: bool = False, read_only: bool = False) -> None:
+    def __init__(self, db: str | Path | None = None, *, busy_timeout_s: float = 60.0,
+                 read_only: bool = False) -> None:
         from sqlalchemy import create_engine, event
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-        self.url = resolve_db_url(db, must_exist=must_exist or read_only)
-        self.read_only = read_only
+        self.url = resolve_db_url(db, must_exist=read_only)
         try:
             if self.url.startswith("sqlite"):
                 self.engine = create_engine(_sqlite_read_only_url(self.url) if read_only else self.url,
@@ -228,7 +228,7 @@ class PassportStore:
             raise ConfigError(f"cannot use database {_redact(self.url)} ({str(exc).splitlines()[0][:200]})") from None
         if read_only:
             self.check_schema()
-        elif create:
+        else:
             self.create_schema()
 
     # -- lifecycle ----------------------------------------------------------------------------------
