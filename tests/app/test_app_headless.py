@@ -4,6 +4,7 @@ windows, the organ table, passport charts, registration with known truth, downlo
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import json
 import zipfile
@@ -120,6 +121,10 @@ def test_upload_segment_view_table(with_model: Path, app_tmp: Path, ct_dir: Path
     assert metrics["Backend"] == seg.backend and seg.backend in at.selectbox(key="backend").options
     assert int(metrics["Patches"]) == seg.n_tiles >= 1
     assert seg.labels.shape == (122, 101, 30)
+    # the passport names the user's file and its hash, as `ctpassport segment` does (not the session's copy)
+    raw = (ct_dir / "example_ct_sm.nii.gz").read_bytes()
+    assert passport.source.path == "example_ct_sm.nii.gz" and passport.source.ct_path is None
+    assert passport.source.sha256 == hashlib.sha256(raw).hexdigest()
     # the progress bar ended at all the network's patches
     bars = [el.proto for el in at.get("progress")]
     assert (
@@ -399,8 +404,29 @@ def test_server_folder_only_under_root(
         core.resolve_under_root(root, "../outside.nii.gz")
 
 
+def test_changed_settings_offer_to_segment_again(with_model: Path, app_tmp: Path, ct_dir: Path) -> None:
+    """Settings changed after a segmentation are not silently ignored: the page says which ones, and
+    "Segment again" makes the run they describe."""
+    at = new_app()
+    upload(at, "example_ct_sm.nii.gz", (ct_dir / "example_ct_sm.nii.gz").read_bytes())
+    first = at.session_state["seg"]
+    assert first.passport.grid.kind == "output" and "segment_again" not in [b.key for b in at.button]
+    at.radio(key="pgrid").set_value("model").run()
+    notes = [i.value for i in at.info if "Settings changed" in i.value]
+    assert len(notes) == 1 and "passport grid: output → model" in notes[0], [i.value for i in at.info]
+    assert at.session_state["seg"] is first  # nothing re-ran by itself
+    at.button(key="segment_again").click().run()
+    assert not at.error, [e.value for e in at.error]
+    second = at.session_state["seg"]
+    assert second is not first and second.passport.grid.kind == "model"
+    assert not [i.value for i in at.info if "Settings changed" in i.value]
+    assert "segment_again" not in [b.key for b in at.button]
+    assert np.array_equal(second.labels, first.labels)  # the same model and input: the same labels
+
+
 def test_store_passports_register_without_images(app_tmp: Path) -> None:
-    """Passports added to the store can be registered later, without their images (residuals only)."""
+    """Passports added to the store can be registered later, without their images (residuals only); a study
+    is never registered with itself (one store record on both sides, or the current study and its copy)."""
     at = demo_phantom(new_app(), seed=5, spacing=6.0)
     at.text_input(key="store_patient").set_value("P1")
     at.text_input(key="store_date").set_value("2024-01-02")
@@ -410,15 +436,29 @@ def test_store_passports_register_without_images(app_tmp: Path) -> None:
     assert any("Already stored" in s.value for s in at.success)
     store_opts = [o for o in at.selectbox(key="reg_fu").options if o.startswith("Store: ")]
     assert len(store_opts) == 1 and "P1" in store_opts[0] and "2024-01-02" in store_opts[0]
-    # the same passport on both sides is refused with a message
+    same = "Registration: the baseline and the follow-up are the same study: choose two different ones"
+    # the current study against its own stored passport is refused with a message
     at.selectbox(key="reg_fu").set_value(store_opts[0])
     at.button(key="reg_go").click().run()
+    assert [e.value for e in at.error] == [same] and at.session_state["reg"] is None
+    # a second study in the store: the two stored passports register without their images
+    demo_phantom(at, seed=6, spacing=6.0)
+    at.text_input(key="store_patient").set_value("P2")
+    at.button(key="store_add").click().run()
+    store_opts = [o for o in at.selectbox(key="reg_fu").options if o.startswith("Store: ")]
+    p1, p2 = (next(o for o in store_opts if p in o) for p in ("P1", "P2"))
+    at.selectbox(key="reg_base").set_value(p1)
+    at.selectbox(key="reg_fu").set_value(p2)
+    at.button(key="reg_go").click().run()
+    assert not at.error, [e.value for e in at.error]
     reg = at.session_state["reg"]
-    assert reg is not None and not reg.has_images and reg.tre is None
-    assert (
-        reg.residuals and max(r["centroid_mm"] for r in reg.residuals if r["centroid_mm"] is not None) < 1e-6
-    )
+    assert reg is not None and not reg.has_images and reg.tre is None and reg.residuals
+    assert reg.fixed.name.startswith(p1.removeprefix("Store: ")[:12]) and "P2" in reg.moving.name
     assert any("residuals only" in i.value for i in at.info)
+    # one store record picked for both sides is refused too
+    at.selectbox(key="reg_fu").set_value(p1)
+    at.button(key="reg_go").click().run()
+    assert [e.value for e in at.error] == [same]
 
 
 def test_workspace_removed_at_session_end(app_tmp: Path) -> None:

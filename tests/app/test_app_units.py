@@ -94,10 +94,58 @@ def test_check_ct() -> None:
         core.check_ct(_img(ct[:, :, :1]), "x")
     with pytest.raises(InputError, match="label map"):
         core.check_ct(_img(rng.integers(0, 30, (10, 10, 10)).astype(np.uint8)), "x")
-    with pytest.raises(InputError, match="no voxel below -200 HU"):
+    with pytest.raises(InputError, match="no voxel below -50 HU"):
         core.check_ct(_img(rng.uniform(0, 1, (10, 10, 10)).astype(np.float32)), "x")
-    with pytest.raises(InputError, match="no voxel below -200 HU"):
+    with pytest.raises(InputError, match="no voxel below -50 HU"):  # a z-scored MR
+        core.check_ct(_img(rng.normal(0, 1, (10, 10, 10)).astype(np.float32)), "x")
+    # a crop inside the body: soft tissue and fat (about -100 HU), no air -- a CT, as the CLI accepts it
+    body = rng.uniform(20, 80, (10, 10, 10)).astype(np.float32)
+    body[:, :, :2] = rng.uniform(-120, -80, (10, 10, 2))
+    core.check_ct(_img(body), "in-body.nii")
+    with pytest.raises(InputError, match="no voxel below -50 HU"):
         core.check_ct(_img(rng.integers(0, 4096, (10, 10, 10)).astype(np.uint16)), "x")  # not rescaled to HU
+
+
+def test_upload_keeps_dotted_names(tmp_path: Path) -> None:
+    """An upload named after DICOM UIDs (dots in the stem) is stored and read as the NIfTI it is."""
+    import io
+
+    ct = np.random.default_rng(1).integers(-1000, 1000, (12, 10, 8)).astype(np.int16)
+    buf = io.BytesIO()
+    buf.write(nib.Nifti1Image(ct, np.diag([2.0, 2.0, 3.0, 1.0])).to_bytes())
+    ws = Workspace("dotted", base=tmp_path)
+    study = core.load_upload("1.2.840.113619.2.55.3.nii", buf.getvalue(), ws)
+    assert study.name == "1.2.840.113619.2.55.3.nii" and study.image.shape == (12, 10, 8)
+    assert study.path is not None and study.path.name == "1.2.840.113619.2.55.3.nii"
+    ws.close()
+
+
+def test_store_label_masks_the_password(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The Passport tab names the store; a PostgreSQL password in CTPASSPORT_DB is never shown."""
+    monkeypatch.setenv("CTPASSPORT_DB", "postgresql://alice:S3cretPass@127.0.0.1:1/db")
+    label = core.store_label()
+    assert "S3cretPass" not in label and label == "postgresql://alice:***@127.0.0.1:1/db"
+    path = str(tmp_path / "team@site" / "store.db")  # a file path is shown as it is, '@' and all
+    monkeypatch.setenv("CTPASSPORT_DB", path)
+    assert core.store_label() == path
+
+
+def test_settings_changed() -> None:
+    """A run records what made it; the page compares that with the settings now."""
+    ct = _img(np.full((4, 4, 4), -1000, np.int16))
+    plain = core.Study("ct.nii.gz", "upload", ct)
+    phantom = core.Study("phantom", "demo", ct, truth_labels=np.zeros((4, 4, 4), np.uint8))
+    run = core.SegmentationRun(np.zeros((4, 4, 4), np.uint8), None, {}, "m", "onnxruntime", "demo", 1)
+    assert core.settings_changed(run, {"grid": "model"}, plain) == []  # a run without records: nothing to say
+    run.settings = core.run_settings({"grid": "output", "backend": None, "reference": True}, plain)
+    assert run.settings == {"labels": "model", "grid": "output", "backend": "auto"}  # no reference labels here
+    assert core.settings_changed(run, {"grid": "output", "reference": True}, plain) == []
+    assert core.settings_changed(run, {"grid": "model", "backend": "openvino"}, plain) == [
+        "passport grid: output -> model", "inference backend: auto -> openvino"]
+    assert core.settings_changed(run, {"grid": "output", "reference": True}, phantom) == [
+        "labels: model -> phantom reference labels"]
+    run.settings = core.run_settings({"reference": True, "grid": "model"}, phantom)
+    assert core.settings_changed(run, {"reference": True, "grid": "output", "backend": "openvino"}, phantom) == []
 
 
 def test_filter_rows() -> None:
@@ -143,6 +191,10 @@ def test_workspace(tmp_path: Path) -> None:
     assert safe_name("../../etc/passwd") == "passwd" and safe_name("a b?.nii.gz") == "a_b_.nii.gz"
     assert safe_name("腹部.nii.gz") == "file.nii.gz" and safe_name("é.nii") == "file.nii"
     assert safe_name(".hidden") == "file.hidden" and safe_name("...") == "file"
+    # dotted names (DICOM UIDs) keep their whole NIfTI extension: the loader recognises the file by it
+    assert safe_name("1.2.840.113619.2.55.3.nii.gz") == "1.2.840.113619.2.55.3.nii.gz"
+    assert safe_name("patient.ct.series-5.venous.nii.gz") == "patient.ct.series-5.venous.nii.gz"
+    assert safe_name("scan.v2.NII") == "scan.v2.NII" and safe_name("..x.zip") == "x.zip"
 
 
 def test_stale_server_folders_are_swept(tmp_path: Path) -> None:

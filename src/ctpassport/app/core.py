@@ -27,8 +27,9 @@ from .workspace import Workspace, safe_name
 DEFAULT_MAX_UPLOAD_MB = 4096
 #: Largest volume the app accepts (voxels): about 1.4 GB of float32 per copy.
 MAX_VOXELS = 350_000_000
-#: A CT in Hounsfield units holds air or fat: its minimum lies below this value (HU).
-CT_MIN_BELOW_HU = -200.0
+#: A CT in Hounsfield units holds air (-1000 HU) or fat (about -100 HU): its minimum lies below this value (HU).
+#: A crop inside the body (fat, no air) passes; raw or normalised MR (z-scores above -10) does not.
+CT_MIN_BELOW_HU = -50.0
 #: Upload names the app accepts.
 UPLOAD_TYPES = ("nii", "nii.gz", "gz", "zip")
 #: Environment variable naming a model folder for the app (a trainer folder or a TotalSegmentator home).
@@ -305,6 +306,32 @@ class SegmentationRun:
     model_affine: np.ndarray | None = None
     model_path: str = ""
     figures: dict[str, Any] | None = None  # passport pictures, made on first view
+    settings: dict[str, str] = field(default_factory=dict)  # what made it: see :func:`run_settings`
+
+
+#: The settings that shape a segmentation run, as the page names them.
+RUN_SETTING_NAMES = {"labels": "labels", "grid": "passport grid", "backend": "inference backend"}
+
+
+def run_settings(settings: dict[str, Any], study: Study) -> dict[str, str]:
+    """What a segmentation of ``study`` with the page's ``settings`` (keys ``reference``, ``grid``,
+    ``backend``) is made of: the phantom's reference labels, or the model with a passport grid and a
+    backend. Compared with a finished run's by :func:`settings_changed`."""
+    if settings.get("reference") and study.truth_labels is not None:
+        return {"labels": "phantom reference labels"}
+    return {"labels": "model", "grid": str(settings.get("grid") or "output"),
+            "backend": str(settings.get("backend") or "auto")}
+
+
+def settings_changed(run: SegmentationRun, settings: dict[str, Any], study: Study) -> list[str]:
+    """The settings changed since ``run`` was made (e.g. ``passport grid: output -> model``); empty when the
+    run is what the settings would make now (or when it does not record its settings)."""
+    if not run.settings:
+        return []
+    now = run_settings(settings, study)
+    keys = ["labels"] if run.settings.get("labels") != now["labels"] else list(now)  # other labels: that says it
+    return [f"{RUN_SETTING_NAMES[k]}: {run.settings.get(k)} -> {now.get(k)}"
+            for k in keys if run.settings.get(k) != now.get(k)]
 
 
 def estimate_tiles(image: Image3D, segmenter: Any) -> int:
@@ -336,6 +363,17 @@ def _canonical_perm(affine: np.ndarray) -> list[int]:
     return perm
 
 
+def study_source(study: Study) -> Any:
+    """The passport's ``source`` for a segmented study, as ``ctpassport segment`` records its input: ``path``
+    is the user's name for the CT (an upload's file name, never the session's temporary copy; a server file's
+    path) and ``sha256`` the study's hash (:func:`study_sha256`, the key the passport store uses)."""
+    from ..passport.schema import Source
+
+    path = study.path
+    name = str(path) if study.source == "server" and path is not None else study.name
+    return Source(path=name, sha256=study_sha256(study))
+
+
 def segment_study(
     segmenter: Any,
     study: Study,
@@ -348,7 +386,6 @@ def segment_study(
     CT; ``model`` = the 3 mm model grid). ``progress`` is called with the number of patches just finished.
     Timings: seconds per stage (preprocess, infer, postprocess, passport)."""
     from ..passport.build import PassportWarning, build_passport
-    from ..passport.schema import Source
     from ..segment.pipeline import Timings
 
     tm = Timings()
@@ -365,7 +402,7 @@ def segment_study(
                 affine,
                 ct=ct,
                 grid_kind=grid,
-                source=Source(ct_path=str(study.path) if study.path else study.name),
+                source=study_source(study),
                 model_id=segmenter.model.model_id,
                 timings=dict(tm.seconds),
                 normals=True,  # the app registers studies: normals make it more accurate
@@ -438,7 +475,6 @@ def reference_run(study: Study) -> SegmentationRun:
     demonstrating passports and registration with labels known to be right. :class:`InputError` when the
     study has none."""
     from ..passport.build import PassportWarning, build_passport
-    from ..passport.schema import Source
     from ..segment.pipeline import Timings
 
     if study.truth_labels is None:
@@ -452,7 +488,7 @@ def reference_run(study: Study) -> SegmentationRun:
             study.image.affine,
             ct=study.image.data,
             grid_kind="output",
-            source=Source(ct_path=study.name),
+            source=study_source(study),
             model_id="phantom reference labels",
             normals=True,
             timings={},
@@ -481,6 +517,14 @@ def store_location() -> str | None:
         return value
     path = default_db_path()
     return str(path) if path.is_file() else None
+
+
+def store_label() -> str:
+    """The store as the page may show it: its location with any database password masked (``***``)."""
+    from ..store.db import redact_url
+
+    loc = store_location()
+    return redact_url(loc) if loc else "a new SQLite file in your data folder"
 
 
 def store_records() -> list[Any]:

@@ -281,8 +281,10 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def check_pair(fixed: Side, moving: Side) -> None:
-    """Refuse to register a passport with itself."""
-    if fixed.passport is moving.passport:
+    """Refuse to register a passport with itself: the same object, or two passports of one CT (the same
+    ``source.sha256``, e.g. one store record picked for both sides, or the current study and its stored copy)."""
+    a, b = fixed.passport.source.sha256, moving.passport.source.sha256
+    if fixed.passport is moving.passport or (a is not None and a == b):
         raise RegistrationError(
             "the baseline and the follow-up are the same study: choose two different ones"
         )

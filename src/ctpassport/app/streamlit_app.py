@@ -124,6 +124,7 @@ def segment_with_progress(study: core.Study, settings: dict[str, Any]) -> core.S
     """Segment ``study`` showing a status box with a progress bar; None (and a message) when it fails."""
     if settings.get("reference") and study.truth_labels is not None:
         run = core.reference_run(study)
+        run.settings = core.run_settings(settings, study)
         st.toast(f"{study.name}: phantom reference labels ({len(run.passport.organs)} organs)")
         return run
     box = st.status(f"Segmenting {study.name}", expanded=True)
@@ -161,6 +162,7 @@ def segment_with_progress(study: core.Study, settings: dict[str, Any]) -> core.S
             bar.progress(1.0, text=f"Inference: {run.n_tiles} of {run.n_tiles} patches")
             run.timings = {"model load": load_s, **run.timings}
             run.model_path = str(choice.path)
+            run.settings = core.run_settings(settings, study)
             box.update(
                 label=f"Segmented {study.name}: {len(run.passport.organs)} organs in "
                 f"{sum(run.timings.values()):.1f} s",
@@ -435,7 +437,7 @@ def passport_tab(ss: Any) -> None:
         st.plotly_chart(figs["spine"], key="passport_spine", config={"displaylogo": False})
     with st.expander("Add to the passport store", icon=":material/database:"):
         st.caption(
-            f"Store: {core.store_location() or 'a new SQLite file in your data folder'}. The same CT is "
+            f"Store: {core.store_label()}. The same CT is "
             "stored once; stored passports can be registered later without their images."
         )
         c1, c2 = st.columns(2)
@@ -808,6 +810,16 @@ def main() -> None:
         st.info("Not segmented yet: the viewer shows the CT alone.")
         viewer_panel(ss)
         return
+    changed = core.settings_changed(ss.seg, settings, ss.study)
+    if changed:  # the run on screen is not what the settings would make now: say so, offer to redo it
+        st.info(
+            "Settings changed since this segmentation (" + "; ".join(changed).replace("->", "→")
+            + "): the results below are from the earlier settings.",
+            icon=":material/sync_problem:",
+        )
+        if st.button("Segment again", key="segment_again", icon=":material/refresh:"):
+            run_segmentation(ss, settings)
+            st.rerun()
     segmentation_summary(ss)
     tabs = st.tabs(
         [

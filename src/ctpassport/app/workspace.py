@@ -28,16 +28,23 @@ from pathlib import Path
 ROOT_PREFIX = "ctpassport-app-"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _ROOTS: set[Path] = set()
+#: Suffixes that compress another one (``.nii.gz``): :func:`safe_name` keeps the pair.
+_COMPRESSED = frozenset({"gz", "bz2", "xz", "zst"})
 
 
 def safe_name(name: str, default: str = "file") -> str:
     """A file name without folders or odd characters (for storing an upload under its own name); the
-    extension is kept (``腹部.nii.gz`` -> ``file.nii.gz``, ``CT 01.nii.gz`` -> ``CT_01.nii.gz``)."""
-    stem, _dot, ext = _SAFE.sub("_", Path(str(name)).name).partition(".")
-    stem = stem.lstrip("_")
+    extension is kept: the last suffix, and the one before it when the last is a compression (``.nii.gz``),
+    so dotted names survive (``1.2.840.113619.2.55.3.nii.gz`` stays as it is, ``腹部.nii.gz`` ->
+    ``file.nii.gz``, ``CT 01.nii.gz`` -> ``CT_01.nii.gz``)."""
+    parts = _SAFE.sub("_", Path(str(name)).name).split(".")
+    n_ext = 0
+    if len(parts) > 1 and parts[-1]:
+        n_ext = 2 if len(parts) > 2 and parts[-2] and parts[-1].lower() in _COMPRESSED else 1
+    ext = ".".join(parts[len(parts) - n_ext:])[:20] if n_ext else ""
+    stem = ".".join(parts[: len(parts) - n_ext]).lstrip("._").rstrip(".")
     if not stem.strip("_"):  # nothing left of a non-ASCII name (or a hidden file's empty stem)
         stem = default
-    ext = ext.strip(".")[:20]
     return f"{stem[:100]}.{ext}" if ext else stem[:120]
 
 

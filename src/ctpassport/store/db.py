@@ -86,7 +86,10 @@ def _sqlite_read_only_url(url: str) -> str:
     return f"sqlite:///file:{quote(path)}?{params}&uri=true"
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """``url`` safe to show: a database URL's password replaced by ``***`` (file paths as they are)."""
+    if "://" not in url:
+        return url
     from sqlalchemy.engine import make_url
 
     try:
@@ -225,7 +228,7 @@ class PassportStore:
             else:
                 self.engine = create_engine(self.url, pool_pre_ping=True)
         except (ArgumentError, NoSuchModuleError, ImportError, ValueError) as exc:  # ValueError: e.g. a bad port
-            raise ConfigError(f"cannot use database {_redact(self.url)} ({str(exc).splitlines()[0][:200]})") from None
+            raise ConfigError(f"cannot use database {redact_url(self.url)} ({str(exc).splitlines()[0][:200]})") from None
         if read_only:
             self.check_schema()
         else:
@@ -250,7 +253,7 @@ class PassportStore:
                 yield conn
         except DatabaseError as exc:  # unreachable, locked, or not a database at all
             msg = str(exc.orig if getattr(exc, "orig", None) is not None else exc).splitlines()[0][:200]
-            raise StoreError(f"database {_redact(self.url)}: {msg}") from None
+            raise StoreError(f"database {redact_url(self.url)}: {msg}") from None
 
     def check_schema(self) -> None:
         """Check, reading only, that the database is a passport store this ctpassport understands."""
@@ -260,7 +263,7 @@ class PassportStore:
         with self._begin() as conn:
             names = set(inspect(conn).get_table_names())
             if not {tb.name for tb in md.sorted_tables} <= names:
-                raise StoreError(f"database {_redact(self.url)} is not a passport store (no ctpassport tables)")
+                raise StoreError(f"database {redact_url(self.url)} is not a passport store (no ctpassport tables)")
             row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
         if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"the store has schema version {row[0]}; this ctpassport knows {SCHEMA_VERSION}",
