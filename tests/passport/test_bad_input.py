@@ -122,7 +122,10 @@ def _valid_passport_json(tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("case", ["not_json", "truncated", "not_an_object", "bad_version", "missing_grid",
                                   "ascending_eigenvalues", "bad_point", "extra_field", "duplicate_ids",
-                                  "normals_count", "normal_not_unit", "nan_point", "infinite_centroid"])
+                                  "normals_count", "normal_not_unit", "nan_point", "infinite_centroid",
+                                  "huge_integer", "nested_too_deep", "grid_shape_zero", "grid_shape_negative",
+                                  "grid_singular", "grid_last_row", "grid_beyond_100m", "huge_centroid",
+                                  "huge_point", "negative_eigenvalues", "huge_covariance", "newer_schema_field"])
 def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> None:
     good = _valid_passport_json(tmp_path)
     bad = tmp_path / "bad.json"
@@ -133,6 +136,12 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
     elif case == "truncated":
         bad.write_text(json.dumps(good)[:200])
         words = ("not valid JSON",)
+    elif case == "huge_integer":  # valid JSON, beyond Python's 4300-digit integer conversion
+        bad.write_text(json.dumps(good).replace('"seed": 0', '"seed": 1' + "0" * 5000, 1))
+        words = ("not valid JSON", "4300 digits")
+    elif case == "nested_too_deep":
+        bad.write_text(json.dumps(good)[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        words = ("not valid JSON", "RecursionError")
     else:
         if case == "not_an_object":
             doc: object = [1, 2, 3]
@@ -161,18 +170,65 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
         elif case == "infinite_centroid":
             good["organs"][0]["centroid_mm"] = [float("inf"), 2.0, 3.0]
             doc, words = good, ("centroid_mm", "finite")
+        elif case.startswith("grid_"):
+            g = good["grid"]
+            if case == "grid_shape_zero":
+                g["shape"][0] = 0
+                words = ("grid", "at least 1 voxel")
+            elif case == "grid_shape_negative":
+                g["shape"][1] = -5
+                words = ("grid", "at least 1 voxel")
+            elif case == "grid_singular":
+                g["affine"][0][:3] = [0.0, 0.0, 0.0]
+                words = ("grid", "singular")
+            elif case == "grid_last_row":
+                g["affine"][3] = [1.0, 2.0, 3.0, 4.0]
+                words = ("grid", "last row")
+            else:
+                g["shape"] = [100_000, 100_000, 100_000]
+                words = ("grid", "beyond +-100000 mm")
+            doc = good
+        elif case == "huge_centroid":
+            good["organs"][0]["centroid_mm"] = [1e308, 2.0, 3.0]
+            doc, words = good, ("centroid_mm", "beyond +-100000 mm")
+        elif case == "huge_point":
+            good["organs"][0]["boundary_points_mm"][0] = [1e308, -1e308, 0.0]
+            doc, words = good, ("boundary_points_mm", "beyond +-100000 mm")
+        elif case == "negative_eigenvalues":
+            good["organs"][0]["eigenvalues_mm2"] = [-1.0, -2.0, -3.0]
+            doc, words = good, ("eigenvalues_mm2", "negative")
+        elif case == "huge_covariance":
+            good["organs"][0]["covariance_mm2"][0][0] = 1e300
+            doc, words = good, ("covariance_mm2", "beyond")
+        elif case == "newer_schema_field":  # a newer minor version's addition: say so, not just "extra field"
+            good["schema_version"] = "1.3"
+            good["organs"][0]["new_thing"] = 1
+            doc, words = good, ("newer than this ctpassport reads (1.2)", "new_thing", "upgrade ctpassport")
         elif case == "extra_field":
             good["organs"][0]["colour"] = "red"
             doc, words = good, ("colour",)
         else:
             good["organs"].append(good["organs"][0])
-            doc, words = good, ("unique",)
+            doc, words = good, ("unique", f"found id {good['organs'][0]['id']} more than once")
         bad.write_text(json.dumps(doc))
     with pytest.raises(InputError):
         load_passport(bad)
     out = tmp_path / "pic.png"
     _run_fails(["show", str(bad), "-o", str(out), "--html", str(tmp_path / "pic.html")], out, 2, "bad.json", *words)
     assert not (tmp_path / "pic.html").exists()
+
+
+def test_byte_order_mark_and_newer_compatible_minor_version_load(tmp_path: Path) -> None:
+    """A passport saved with a UTF-8 byte-order mark (Windows editors) loads; so does a newer minor version
+    that adds nothing this version does not know."""
+    doc = _valid_passport_json(tmp_path)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())
+    assert load_passport(bom).organs[0].centroid_mm == tuple(doc["organs"][0]["centroid_mm"])
+    doc["schema_version"] = "1.3"
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(doc))
+    assert load_passport(newer).schema_version == "1.3"
 
 
 def test_schema_1_1_passport_without_normals_still_loads(tmp_path: Path) -> None:

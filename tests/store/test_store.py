@@ -251,3 +251,29 @@ def test_register_from_the_store_without_images(db_url: str, make_passport, tmp_
     res = CliRunner().invoke(app, ["store", "register", "--fixed-study", "2023-baseline", "--moving-study",
                                    "nope", "-o", str(tmp_path / "reg2"), "--db", db_url, "-q"])
     assert res.exit_code == StoreError.exit_code and not (tmp_path / "reg2").exists()
+
+
+def test_a_stored_passport_this_version_cannot_read_is_a_one_line_error(tmp_path: Path, make_passport) -> None:  # type: ignore[no-untyped-def]
+    """A store shared with a newer ctpassport may hold a passport of a newer schema: `store show` and
+    `store register` name the study and the version instead of failing with an internal error."""
+    import sqlite3
+
+    db = tmp_path / "shared.sqlite"
+    with PassportStore(db) as store:
+        rec, _ = store.add(make_passport(), StudyMeta(source_sha256="cd" * 32, study_key="newer"))
+        store.add(make_passport((5.0, 0.0, 0.0)), StudyMeta(source_sha256="ef" * 32, study_key="other"))
+    doc = json.loads(rec.passport_json)
+    doc["schema_version"] = "1.3"
+    doc["organs"][0]["new_field"] = [1, 2]
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE ctp_studies SET passport_json = ? WHERE study_key = 'newer'", (json.dumps(doc),))
+    runner = CliRunner()
+    want = ("stored study newer: written with passport schema 1.3, newer than this ctpassport reads (1.2)",
+            "new_field", "upgrade ctpassport")
+    res = runner.invoke(app, ["store", "show", "newer", "--db", str(db)])
+    assert res.exit_code == 2 and all(w in res.stderr for w in want), res.stderr
+    assert "internal error" not in res.stderr
+    res = runner.invoke(app, ["store", "register", "--fixed-study", "other", "--moving-study", "newer",
+                              "--db", str(db), "-o", str(tmp_path / "reg")])
+    assert res.exit_code == 2 and all(w in res.stderr for w in want), res.stderr
+    assert not (tmp_path / "reg").exists()

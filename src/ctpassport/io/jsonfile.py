@@ -17,10 +17,13 @@ def read_json_object(path: str | Path, what: str, *, error: type[CTPassportError
     if not p.is_file():
         raise error(f"{what} is missing", p, hint)
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the JSON
+        obj = json.loads(p.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, a number over Python's
+        # 4300-digit limit (ValueError), arrays nested too deep (RecursionError)
         where = f" at character {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise error(f"{what} is not valid JSON ({type(exc).__name__}{where})", p) from None
+        detail = "" if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)) else f": {str(exc)[:80]}"
+        raise error(f"{what} is not valid JSON ({type(exc).__name__}{where}{detail})", p) from None
     if not isinstance(obj, dict):
         raise error(f"{what} must hold a JSON object", p)
     return obj

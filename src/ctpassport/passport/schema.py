@@ -27,6 +27,11 @@ Frames and units, stated once for every field below:
   the field of view; registration can leave such organs out);
 * ``hu_mean`` / ``hu_std``: mean and population standard deviation (ddof=0) of the CT (HU) inside the
   organ, on the passport's grid; null when no CT was given.
+
+Validation on load: unknown fields, NaN/infinity, world coordinates beyond +-:data:`MAX_COORDINATE_MM`,
+negative or ascending eigenvalues, an improper grid (a size below 1 voxel, a singular affine, a last row
+other than ``[0, 0, 0, 1]``) are errors. Schema versions ``1.x`` are read; a newer minor version loads when it
+holds nothing this version does not know, and is otherwise refused as newer (:func:`validate_passport`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,18 @@ Mat3 = tuple[Vec3, Vec3, Vec3]
 
 #: Every model: unknown fields and NaN/inf numbers are validation errors.
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+#: Largest world coordinate (mm) a passport or point file may hold: 100 m, far beyond any scanner's field of
+#: view; larger values are a broken file (and would overflow grid sizes and linear algebra downstream).
+MAX_COORDINATE_MM = 1.0e5
+#: Most voxels a passport's grid may have (8.6e9: four times a 1024 x 1024 x 2048 scan).
+MAX_GRID_VOXELS = 2.0**33
+
+
+def _check_coordinates(values: np.ndarray, what: str) -> None:
+    """``ValueError`` when a world coordinate (mm) of ``values`` is beyond :data:`MAX_COORDINATE_MM`."""
+    if values.size and float(np.abs(values).max()) > MAX_COORDINATE_MM:
+        raise ValueError(f"{what} has coordinates beyond +-{MAX_COORDINATE_MM:g} mm "
+                         f"(found {float(np.abs(values).max()):.3g})")
 
 
 class Source(BaseModel):
@@ -82,6 +99,25 @@ class Grid(BaseModel):
     spacing_mm: Vec3
     affine: tuple[tuple[float, float, float, float], ...] = Field(min_length=4, max_length=4)
     orientation: tuple[str, str, str]
+
+    @model_validator(mode="after")
+    def _proper(self) -> Grid:
+        if min(self.shape) < 1:
+            raise ValueError(f"shape {list(self.shape)} must be at least 1 voxel along every axis")
+        a = np.asarray(self.affine, dtype=np.float64)
+        if a.shape != (4, 4):
+            raise ValueError("affine must be 4 rows of 4 numbers")
+        if not np.allclose(a[3], (0.0, 0.0, 0.0, 1.0), atol=1e-6):
+            raise ValueError(f"affine's last row must be [0, 0, 0, 1] (found {a[3].tolist()})")
+        if abs(float(np.linalg.det(a[:3, :3]))) < 1e-9:
+            raise ValueError("affine is singular (a zero voxel size or two parallel axes)")
+        corners = np.stack(np.meshgrid(*[(0, n - 1) for n in self.shape], indexing="ij"), -1).reshape(-1, 3)
+        _check_coordinates(corners @ a[:3, :3].T + a[:3, 3], "the grid (affine and shape)")
+        if float(np.prod(np.asarray(self.shape, dtype=np.float64))) > MAX_GRID_VOXELS:
+            raise ValueError(f"shape {list(self.shape)} has more than {MAX_GRID_VOXELS:.3g} voxels")
+        if min(self.spacing_mm) <= 0:
+            raise ValueError(f"spacing_mm {list(self.spacing_mm)} must be positive")
+        return self
 
 
 class Organ(BaseModel):
@@ -118,11 +154,19 @@ class Organ(BaseModel):
     def _descending(cls, v: Vec3) -> Vec3:
         if not (v[0] >= v[1] >= v[2]):
             raise ValueError("eigenvalues_mm2 must be in descending order")
+        if v[2] < -1e-6:  # a covariance's eigenvalues are >= 0 (ctpassport clips rounding below 0)
+            raise ValueError(f"eigenvalues_mm2 must not be negative (found {v[2]:g})")
+        if v[0] > MAX_COORDINATE_MM**2:
+            raise ValueError(f"eigenvalues_mm2 beyond {MAX_COORDINATE_MM**2:g} mm^2 (found {v[0]:.3g})")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Organ:
+        _check_coordinates(np.asarray([self.centroid_mm, *self.bbox_mm]), "centroid_mm or bbox_mm")
+        _check_coordinates(self.points_array(), "boundary_points_mm")
         c = self.covariance_mm2
+        if max(abs(x) for row in c for x in row) > MAX_COORDINATE_MM**2:
+            raise ValueError(f"covariance_mm2 has entries beyond {MAX_COORDINATE_MM**2:g} mm^2")
         if any(abs(c[a][b] - c[b][a]) > 1e-6 * (1.0 + abs(c[a][b])) for a in range(3) for b in range(a)):
             raise ValueError("covariance_mm2 must be symmetric")
         for row in self.eigenvectors:
@@ -177,7 +221,8 @@ class Passport(BaseModel):
     def _unique_ids(self) -> Passport:
         ids = [o.id for o in self.organs]
         if len(ids) != len(set(ids)):
-            raise ValueError("organ ids must be unique")
+            twice = ", ".join(str(i) for i in sorted({i for i in ids if ids.count(i) > 1}))
+            raise ValueError(f"organ ids must be unique (found id {twice} more than once)")
         return self
 
     def organ(self, key: int | str) -> Organ | None:
@@ -212,10 +257,38 @@ def load_passport(path: str | Path) -> Passport:
     p = Path(path)
     if not p.is_file():
         raise InputError("no such passport file", p)
-    raw = read_json_object(p, "passport")
+    return validate_passport(read_json_object(p, "passport"), p)
+
+
+def validate_passport(raw: dict[str, object] | str, source: str | Path) -> Passport:
+    """A :class:`Passport` from a parsed JSON object or JSON text; :class:`InputError` naming ``source``
+    (a file or a store entry) with the first problem, and saying so when the passport was written by a newer
+    schema than this version reads (an unknown field is then most likely that version's addition)."""
+    import json
+
     try:
-        return Passport.model_validate(raw)
+        return Passport.model_validate(raw) if isinstance(raw, dict) else Passport.model_validate_json(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
-        raise InputError(f"not a valid passport: {loc}: {err['msg']}", p) from None
+        problem = f"not a valid passport: {loc + ': ' if loc else ''}{err['msg']}"
+    try:
+        version = (raw if isinstance(raw, dict) else json.loads(raw)).get("schema_version")
+    except (ValueError, AttributeError, RecursionError):
+        version = None
+    if isinstance(version, str) and _newer(version):
+        problem = (f"written with passport schema {version}, newer than this ctpassport reads "
+                   f"({SCHEMA_VERSION}): {problem}")
+        raise InputError(problem, source, "upgrade ctpassport to read it") from None
+    raise InputError(problem, source) from None
+
+
+def _newer(version: str) -> bool:
+    """Whether ``version`` (``major.minor``) is newer than :data:`SCHEMA_VERSION`."""
+    def key(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split("."))
+
+    try:
+        return key(version) > key(SCHEMA_VERSION)
+    except ValueError:
+        return False

@@ -15,11 +15,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.atomic import write_text_atomic
+from ..passport.schema import MAX_COORDINATE_MM  # beyond the passports' bound: a unit or column mistake
 
 _FLIP = np.array([-1.0, -1.0, 1.0])
-#: Largest world coordinate (mm) a point file may hold: 100 m, far beyond any scanner's frame; larger values
-#: are a unit or column mistake (and would make the transform's grid absurd).
-MAX_COORDINATE_MM = 1.0e5
 
 
 @dataclass

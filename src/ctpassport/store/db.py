@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from ..errors import ConfigError, CTPassportError, InputError, OutputError
-from ..passport.schema import Passport
+from ..passport.schema import Passport, validate_passport
 
 #: Environment variable naming the default store (a URL or an SQLite file path).
 DB_ENV = "CTPASSPORT_DB"
@@ -172,7 +172,9 @@ class StudyRecord:
     passport_json: str
 
     def load_passport(self) -> Passport:
-        return Passport.model_validate_json(self.passport_json)
+        """The stored passport, validated; :class:`InputError` naming the study when this version cannot read
+        it (e.g. one written by a newer ctpassport into a shared store)."""
+        return validate_passport(self.passport_json, f"stored study {self.study_key}")
 
     def summary(self) -> dict[str, Any]:
         """Everything but the passport JSON."""
