@@ -91,7 +91,14 @@ def test_bad_input_one_line_error_and_no_output(case: str, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("extra,code,message", [
     (["--passport-grid", "fine", "--ml"], 5, "--passport-grid must be output or model"),
-    (["--output-type", "dicom"], 5, "--output-type must be nifti or dicom_seg"),
+    (["--output-type", "png"], 5, "--output-type must be nifti or dicom_seg"),
+    (["-ot", "dicom"], 5, "--output-type dicom (DICOM RT-STRUCT) is not supported (use --output-type dicom_seg"),
+    (["-ss", "-s"], 5, "--skip_saving is not supported"),
+    (["--preview"], 5, "--preview is not supported"),
+    (["-bs"], 5, "--body_seg is not supported"),
+    (["-ta", "lung_vessels"], 5, "--task 'lung_vessels' is not supported"),
+    (["-d", "mps"], 5, "--device must be cpu, gpu or gpu:N"),
+    (["-d", "GPU"], 5, "--device must be cpu, gpu or gpu:N"),
     (["--ml", "-o", "seg.nrrd"], 2, "must end with .nii or .nii.gz"),
 ])
 def test_settings_and_output_names_are_checked_before_any_work(tmp_path: Path, extra: list[str], code: int,
@@ -104,6 +111,32 @@ def test_settings_and_output_names_are_checked_before_any_work(tmp_path: Path, e
     res = runner.invoke(app, [*args, *extra])
     assert res.exit_code == code and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_totalsegmentator_command_lines_mean_what_they_mean_there(tmp_path: Path, ct_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """TotalSegmentator's spellings work: -ml, --fast/-f (always on), -fs, -ns, -v, -ta total are accepted;
+    -f is --fast there, so it never overwrites (--force does); --device gpu without a GPU falls back to the CPU
+    with a warning, as TotalSegmentator does; gpu:N names a visible GPU."""
+    from ctpassport.segment.backends import cuda_available
+
+    ct = str(ct_dir / "example_ct_sm.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    ts = ["segment", "-i", ct, "-o", str(out), "-ml", "-f", "-fs", "-ns", "2", "-v", "-ta", "total",
+          "--model", "demo", "-q"]
+    res = runner.invoke(app, ts)
+    assert res.exit_code == 0 and out.is_file(), res.output
+    made = out.stat().st_mtime_ns
+    res = runner.invoke(app, ts)  # -f is --fast: the existing output is kept
+    assert res.exit_code == 4 and "--force" in res.stderr and out.stat().st_mtime_ns == made
+    if not cuda_available():
+        res = runner.invoke(app, [*ts, "--force", "-d", "gpu"])
+        assert res.exit_code == 0, res.output
+        assert res.stderr.strip() == "ctpassport: warning: no CUDA GPU is visible: running on the CPU"
+        assert out.stat().st_mtime_ns != made
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    res = runner.invoke(app, [*ts, "--force", "-d", "gpu:1"])
+    assert res.exit_code == 5 and "only 1 GPU(s) are visible (CUDA_VISIBLE_DEVICES=3)" in res.stderr
 
 
 def test_nifti2_input_gives_a_quiet_nifti1_output_on_its_grid(tmp_path: Path, ct_dir: Path) -> None:

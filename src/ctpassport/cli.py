@@ -139,16 +139,66 @@ def _say(quiet: bool, message: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # segment
 # ------------------------------------------------------------------------------------------------
+def _refuse_ts_options(*, task: str, output_type: str, skip_saving: bool, preview: bool, body_seg: bool) -> None:
+    """TotalSegmentator options whose result ctpassport does not reproduce: a bad setting (exit 5), at once."""
+    if task != "total":
+        raise ConfigError(f"--task {task!r} is not supported: ctpassport runs TotalSegmentator's 'total' task "
+                          "(fast model)")
+    if output_type in ("dicom", "dicom_rtstruct"):
+        raise ConfigError(f"--output-type {output_type} (DICOM RT-STRUCT) is not supported",
+                          hint="use --output-type dicom_seg (a DICOM SEG object)")
+    for flag, on, why in (("--skip_saving", skip_saving, "ctpassport always writes the segmentation"),
+                          ("--preview", preview, "`ctpassport show` draws a passport"),
+                          ("--body_seg", body_seg, "ctpassport segments the whole field of view")):
+        if on:
+            raise ConfigError(f"{flag} is not supported ({why})")
+
+
+def _parse_device(device: str) -> int | None:
+    """TotalSegmentator's ``--device``: ``cpu`` -> None; ``gpu`` / ``cuda`` -> GPU 0; ``gpu:N`` / ``cuda:N`` ->
+    GPU N. Anything else (``mps`` too: no Apple GPU path here) is a bad setting (exit 5)."""
+    import re
+
+    if device == "cpu":
+        return None
+    m = re.fullmatch(r"(?:gpu|cuda)(?::(\d+))?", device)
+    if m is None:
+        raise ConfigError(f"--device must be cpu, gpu or gpu:N (N = the GPU's index), not {device!r}")
+    return int(m.group(1) or 0)
+
+
+def _gpu_backend(gpu: int | None, quiet: bool) -> str | None:
+    """The backend for ``--device``: None (auto, CPU) for the CPU, ``cuda`` on GPU ``gpu`` (made the visible
+    one, within any ``CUDA_VISIBLE_DEVICES`` already set), or, as TotalSegmentator does, the CPU with a
+    warning when no GPU is visible."""
+    import os
+
+    from .segment.backends import cuda_available
+
+    if gpu is None:
+        return None
+    if gpu > 0:
+        visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if visible and gpu >= len(visible):
+            raise ConfigError(f"--device gpu:{gpu}: only {len(visible)} GPU(s) are visible "
+                              f"(CUDA_VISIBLE_DEVICES={','.join(visible)})")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[gpu] if visible else str(gpu)
+    if not cuda_available():
+        _warn("no CUDA GPU is visible: running on the CPU")
+        return None
+    return "cuda"
+
+
 @app.command("segment")
 @handle_errors
 def segment_cmd(
     input: Annotated[Path, typer.Option("-i", "--input", help="CT image: NIfTI file (or DICOM folder/zip).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output NIfTI (--ml) or folder of masks.")],
-    ml: Annotated[bool, typer.Option("--ml", help="One multilabel file with the label table (like TotalSegmentator --ml).")] = False,
+    ml: Annotated[bool, typer.Option("--ml", "-ml", help="One multilabel file with the label table (like TotalSegmentator --ml).")] = False,
     roi_subset: Annotated[list[str] | None, typer.Option("--roi_subset", "-rs", help="Keep only these classes (names).")] = None,
     statistics: Annotated[bool, typer.Option("--statistics", "-s", help="Write statistics.json (volume mm3, mean HU).")] = False,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir; `demo` = the embedded demo model.")] = None,
-    device: Annotated[str, typer.Option("--device", "-d", help="cpu or gpu (gpu: CUDA backend when available).")] = "cpu",
+    device: Annotated[str, typer.Option("--device", "-d", help="cpu, gpu or gpu:N (the CUDA backend on GPU N; without a GPU: the CPU, with a warning).")] = "cpu",
     backend: Annotated[str | None, typer.Option("--backend", help="auto (default: the fastest backend that keeps parity on this machine, e.g. openvino-bf16 on AMX CPUs), onnxruntime (exact fp32 parity path), openvino, openvino-bf16, openvino-int8, cuda, torch.")] = None,
     nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads (0 = all cores).")] = 0,
     timings: Annotated[Path | None, typer.Option("--timings", help="Write per-stage seconds and peak RSS (JSON).")] = None,
@@ -156,23 +206,48 @@ def segment_cmd(
     passport_grid: Annotated[str, typer.Option("--passport-grid", help="model (3 mm grid, like the study) or output.")] = "model",
     normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the passport's boundary points (more accurate registration, larger JSON).")] = False,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="DICOM input: this SeriesInstanceUID (default: the largest CT series).")] = None,
-    output_type: Annotated[str, typer.Option("--output-type", help="nifti, or dicom_seg (DICOM input only; -o names the .dcm file).")] = "nifti",
-    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")] = False,
+    output_type: Annotated[str, typer.Option("--output-type", "--output_type", "-ot", help="nifti, or dicom_seg (DICOM input only; -o names the .dcm file, or a folder to hold <SeriesInstanceUID>.dcm).")] = "nifti",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs (no short form: -f is TotalSegmentator's --fast).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    fast: Annotated[bool, typer.Option("--fast", "-f", help="TotalSegmentator's --fast: always on (ctpassport runs the fast 3 mm model).")] = False,
+    task: Annotated[str, typer.Option("--task", "-ta", help="total: the one TotalSegmentator task ctpassport runs.")] = "total",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Accepted for TotalSegmentator command lines (progress is shown unless -q).")] = False,
+    force_split: Annotated[bool, typer.Option("--force_split", "-fs", help="Accepted for TotalSegmentator command lines; no effect (the sliding window needs no split).")] = False,
+    nr_thr_saving: Annotated[int, typer.Option("--nr_thr_saving", "-ns", help="Accepted for TotalSegmentator command lines; no effect.")] = 6,
+    skip_saving: Annotated[bool, typer.Option("--skip_saving", "-ss", help="Not supported (refused): ctpassport always writes the segmentation.")] = False,
+    preview: Annotated[bool, typer.Option("--preview", "-p", help="Not supported (refused): see `ctpassport show` for pictures of a passport.")] = False,
+    body_seg: Annotated[bool, typer.Option("--body_seg", "-bs", help="Not supported (refused).")] = False,
 ) -> None:
-    """Segment a CT with TotalSegmentator's fast model (same labels as `TotalSegmentator --fast`)."""
+    """Segment a CT with TotalSegmentator's fast model (same labels as `TotalSegmentator --fast`).
+
+    TotalSegmentator's command lines work: its option spellings are accepted (-ml, -rs, -s, -ot, -d, -nr,
+    --fast/-f, --force_split/-fs, -ns, -v, -ta total); options that would change the result in ways
+    ctpassport does not reproduce (--skip_saving, --preview, --body_seg, other tasks, RT-STRUCT output) are
+    refused with a one-line message. Differences: -rs takes one name per flag (-rs liver -rs spleen), -s takes
+    no path, -nr sets inference threads, and overwriting needs --force (long form only).
+    """
     from .config import Config
     from .errors import InputError
     from .io.atomic import check_writable
     from .segment.pipeline import Segmenter, Timings, classes_for, load_input
 
+    del fast, verbose, force_split, nr_thr_saving  # TotalSegmentator's options that change nothing here
     cfg = Config.from_env()
     # settings and output names first: nothing slow runs before a mistake that would fail at the end
+    _refuse_ts_options(task=task, output_type=output_type, skip_saving=skip_saving, preview=preview,
+                       body_seg=body_seg)
     _check_choice("--output-type", output_type, ("nifti", "dicom_seg"))
+    gpu = _parse_device(device)
     _check_choice("--passport-grid", passport_grid, _passport_grids())
     if ml and output_type == "nifti" and not output.name.endswith((".nii", ".nii.gz")):
         raise InputError("--ml writes one NIfTI file: its name must end with .nii or .nii.gz", output)
     one_file = ml or output_type == "dicom_seg"  # else a folder of per-class masks
+    seg_uid = None
+    if output_type == "dicom_seg" and output.is_dir():  # like TotalSegmentator: <SeriesInstanceUID>.dcm in it
+        from highdicom import UID
+
+        seg_uid = str(UID())
+        output = output / f"{seg_uid}.dcm"
     check_writable(output, force, folder=not one_file)
     if passport is not None:
         check_writable(passport, force)
@@ -190,7 +265,7 @@ def segment_cmd(
 
         check_seg_source(image)
     _warn_if_label_map(input, image.data)
-    chosen = backend or ("cuda" if device.startswith(("gpu", "cuda")) else None)
+    chosen = backend or _gpu_backend(gpu, quiet)
     _say(quiet, "Loading model...")
     seg = Segmenter(model, backend=chosen, threads=nr_thr or None, config=cfg)
     _say(quiet, f"Model {seg.model.model_id} on {seg.backend_name}")
@@ -212,7 +287,8 @@ def segment_cmd(
             from .io.dicom_seg import segment_to_dicom_seg
 
             res = segment_to_dicom_seg(seg, image, output, roi_subset=roi_subset, statistics=statistics,  # type: ignore[arg-type]
-                                       timings_path=timings, timings=tm, passport=passport_fn, progress=tick)
+                                       timings_path=timings, timings=tm, passport=passport_fn, progress=tick,
+                                       series_instance_uid=seg_uid)
         else:
             res = seg.segment_file(input, output, ml=ml, roi_subset=roi_subset, statistics=statistics,
                                    timings_path=timings, force=True, passport=passport_fn,

@@ -232,6 +232,15 @@ def test_cli_segment_dicom_to_seg_and_nifti(dicom_ct: DicomImage3D, standin_home
     lab = read_image(nii)
     np.testing.assert_allclose(lab.affine, dicom_ct.affine, atol=1e-4)
     np.testing.assert_array_equal(seg_on_grid(out, dicom_ct), lab.data)
+    # TotalSegmentator's spelling (-ot) and an existing folder as -o: the SEG is <its SeriesInstanceUID>.dcm in it
+    box = tmp_path / "segs"
+    box.mkdir()
+    res = runner.invoke(app, ["segment", "-i", str(folder), "-o", str(box), "-ot", "dicom_seg",
+                              "--model", str(standin_home), "-q"])
+    assert res.exit_code == 0, res.output
+    (made,) = box.iterdir()
+    assert made.name == f"{pydicom.dcmread(made).SeriesInstanceUID}.dcm"
+    np.testing.assert_array_equal(seg_on_grid(made, dicom_ct), lab.data)
 
 
 def test_cli_dicom_seg_needs_dicom_input(ct_dir: Path, tmp_path: Path) -> None:

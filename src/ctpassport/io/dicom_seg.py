@@ -118,8 +118,10 @@ def check_seg_source(image: Any) -> None:
 
 def write_dicom_seg(labels: np.ndarray, image: DicomImage3D, classes: dict[int, str], path: str | Path, *,
                     model_id: str | None = None, series_number: int = 300,
-                    series_description: str = "ctpassport segmentation") -> Path:
-    """Write ``labels`` (class ids on ``image``'s grid, ``[column, row, slice]``) as a DICOM SEG at ``path``.
+                    series_description: str = "ctpassport segmentation",
+                    series_instance_uid: str | None = None) -> Path:
+    """Write ``labels`` (class ids on ``image``'s grid, ``[column, row, slice]``) as a DICOM SEG at ``path``
+    (a new SeriesInstanceUID unless ``series_instance_uid`` is given).
 
     Only ids in ``classes`` that occur become segments (numbered 1..n in id order). Atomic write.
     Raises :class:`InputError` when ``image`` did not come from DICOM and :class:`CTPassportError` when no
@@ -165,7 +167,8 @@ def write_dicom_seg(labels: np.ndarray, image: DicomImage3D, classes: dict[int, 
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(), series_number=series_number, sop_instance_uid=hd.UID(),
+            series_instance_uid=series_instance_uid or hd.UID(), series_number=series_number,
+            sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="ctpassport", manufacturer_model_name="ctpassport",
             software_versions=__version__, device_serial_number="0",
             series_description=series_description[:64],
@@ -192,10 +195,12 @@ def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str 
                          roi_subset: list[str] | None = None, statistics: bool = False,
                          timings_path: str | Path | None = None, timings: Timings | None = None,
                          passport: Callable[[SegmentationResult, Timings], None] | None = None,
-                         progress: Callable[[int], None] | None = None) -> SegmentationResult:
+                         progress: Callable[[int], None] | None = None,
+                         series_instance_uid: str | None = None) -> SegmentationResult:
     """``Segmenter.segment_file`` with a DICOM SEG as the output instead of NIfTI.
 
-    ``statistics`` writes ``statistics.json`` beside ``output``; ``timings_path`` the stage timings.
+    ``statistics`` writes ``statistics.json`` beside ``output``; ``timings_path`` the stage timings;
+    ``series_instance_uid``: the SEG's series UID (default: a new one).
     """
     from ..io.atomic import write_text_atomic
     from ..segment.pipeline import Timings, classes_for, keep_classes, statistics_path
@@ -211,7 +216,8 @@ def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str 
             passport(result, tm)
     out = Path(output)
     with tm.stage("write"):
-        write_dicom_seg(result.labels, image, classes, out, model_id=segmenter.model.model_id)
+        write_dicom_seg(result.labels, image, classes, out, model_id=segmenter.model.model_id,
+                        series_instance_uid=series_instance_uid)
         if statistics:
             stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes)
             write_text_atomic(statistics_path(out, ml=True), json.dumps(stats, indent=4))
