@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -137,6 +138,27 @@ def test_totalsegmentator_command_lines_mean_what_they_mean_there(tmp_path: Path
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     res = runner.invoke(app, [*ts, "--force", "-d", "gpu:1"])
     assert res.exit_code == 5 and "only 1 GPU(s) are visible (CUDA_VISIBLE_DEVICES=3)" in res.stderr
+
+
+def test_roi_subset_takes_several_names_after_one_flag(tmp_path: Path, ct_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """TotalSegmentator's `-rs liver spleen` (several names after one flag) works from the command line."""
+    from ctpassport.cli import main, totalsegmentator_argv
+
+    assert totalsegmentator_argv(["segment", "-rs", "liver", "spleen", "-q"]) == [
+        "segment", "-rs", "liver", "-rs", "spleen", "-q"]
+    assert totalsegmentator_argv(["--debug", "segment", "--roi_subset", "liver", "-rs", "aorta"]) == [
+        "--debug", "segment", "--roi_subset", "liver", "-rs", "aorta"]
+    assert totalsegmentator_argv(["segment", "-rs", "-q"]) == ["segment", "-rs", "-q"]  # the parser reports it
+    assert totalsegmentator_argv(["passport", "-rs", "a", "b"]) == ["passport", "-rs", "a", "b"]
+    out = tmp_path / "seg.nii.gz"
+    monkeypatch.setattr(sys, "argv", ["ctpassport", "segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o",
+                                      str(out), "-ml", "-rs", "liver", "spleen", "--model", "demo", "-q"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code in (0, None)
+    found = set(np.unique(np.asanyarray(nib.load(str(out)).dataobj)).tolist())
+    assert found <= {0, 1, 5} and {1, 5} <= found  # spleen 1, liver 5 and nothing else
 
 
 def test_nifti2_input_gives_a_quiet_nifti1_output_on_its_grid(tmp_path: Path, ct_dir: Path) -> None:

@@ -1229,9 +1229,38 @@ def app_cmd(
         raise CTPassportError(f"streamlit exited with code {code}")
 
 
+def totalsegmentator_argv(argv: list[str]) -> list[str]:
+    """``segment`` arguments with TotalSegmentator's several-names-per-flag subset (``-rs liver spleen``, an
+    argparse ``nargs="+"``) spelled as one flag per name (``-rs liver -rs spleen``), which the parser here
+    reads; anything else unchanged."""
+    cmd = next((k for k, tok in enumerate(argv) if not tok.startswith("-")), None)
+    if cmd is None or argv[cmd] != "segment":
+        return list(argv)
+    out = list(argv[: cmd + 1])
+    flag, named = None, False
+    for tok in argv[cmd + 1:]:
+        if tok in ("-rs", "--roi_subset"):
+            if flag is not None and not named:
+                out.append(flag)  # a flag with no name: left for the parser to report
+            flag, named = tok, False
+        elif flag is not None and not tok.startswith("-"):
+            out += [flag, tok]
+            named = True
+        else:
+            if flag is not None and not named:
+                out.append(flag)
+            flag = None
+            out.append(tok)
+    if flag is not None and not named:
+        out.append(flag)
+    return out
+
+
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="ctpassport")
+    import sys
+
+    app(args=totalsegmentator_argv(sys.argv[1:]), prog_name="ctpassport")
 
 
 if __name__ == "__main__":  # pragma: no cover
