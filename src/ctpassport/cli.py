@@ -998,6 +998,9 @@ def batch_cmd(
         if rec["status"] != "ok":
             progress.console.print(f"[red]failed[/red] {rec['case_id']}: {rec['error']}", markup=True,
                                    highlight=False)
+        for warning in rec.get("warnings") or ():  # shown with -q too, like segment's: it is about the result
+            progress.console.print(f"ctpassport: warning: {rec['case_id']}: {warning}", markup=False,
+                                   highlight=False, soft_wrap=True)
 
     with progress:
         summary = run_batch(in_dir, out_dir, opts, workers=workers, scheduler=scheduler, resume=resume,

@@ -182,7 +182,7 @@ def test_local_pool(batch_in: Path, tiny_model: Path, tmp_path: Path) -> None:
 def test_dask_local_cluster(batch_in: Path, corrupt: Path, tiny_model: Path, tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     ref = run_batch(batch_in, tmp_path / "ref", BatchOptions(model=str(tiny_model), threads=1))
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=40) as cluster:
         address = cluster.scheduler_address
         res = CliRunner().invoke(app, ["batch", str(batch_in), str(tmp_path / "dask"), "--scheduler", address,
@@ -198,6 +198,31 @@ def test_dask_local_cluster(batch_in: Path, corrupt: Path, tiny_model: Path, tmp
     for case in CASES:
         np.testing.assert_array_equal(_labels(tmp_path / "dask", case), _labels(tmp_path / "ref", case))
     assert ref.counts()["ok"] == 3
+
+
+def test_discover_reserved_and_long_names_linked_folders_and_the_output_folder(tmp_path: Path) -> None:
+    """Case ids never name the batch's own files and stay short enough for their temporary folders; linked
+    folders are searched (each real folder once); the input folder cannot be the output folder."""
+    from ctpassport.batch.discover import MAX_CASE_ID
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for name in ("batch.json.nii.gz", "batch.csv.nii", "x" * 243 + ".nii.gz", "y" * 243 + ".nii.gz"):
+        (root / name).write_bytes(b"")
+    site = tmp_path / "site1" / "patient"
+    site.mkdir(parents=True)
+    (site / "ct.nii.gz").write_bytes(b"")
+    (root / "cohort").mkdir()
+    (root / "cohort" / "site1").symlink_to(tmp_path / "site1", target_is_directory=True)
+    (site / "loop").symlink_to(tmp_path / "site1", target_is_directory=True)  # a link back up: searched once
+    ids = [c.case_id for c in discover_cases(root)]
+    assert "batch.json-2" in ids and "batch.csv-2" in ids and "batch.json" not in ids and "batch.csv" not in ids
+    assert "cohort__site1__patient__ct" in ids and len(ids) == 5, ids
+    long_ids = [i for i in ids if i.startswith(("x", "y"))]
+    assert len(long_ids) == 2 and len(set(long_ids)) == 2 and all(len(i) <= MAX_CASE_ID for i in long_ids)
+    assert len(f".{long_ids[0]}.tmp-12345678".encode()) < 255
+    with pytest.raises(InputError, match="is both the input and the output folder"):
+        discover_cases(root, exclude=root)
 
 
 def test_ctrl_c_stops_a_local_pool_and_its_workers(batch_in: Path, tiny_model: Path, tmp_path: Path,
@@ -239,6 +264,7 @@ def test_ctrl_c_stops_a_local_pool_and_its_workers(batch_in: Path, tiny_model: P
     # stopped at once: the cases in flight were not carried on to the end after the interrupt
     assert sorted(p.parent.name for p in out.glob("*/case.json")) == finished_before
     assert json.loads((out / BATCH_JSON).read_text())["status"] == "interrupted"
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # nothing half-written stays
 
 
 def test_sigterm_marks_the_batch_interrupted(batch_in: Path, tiny_model: Path, tmp_path: Path,
@@ -284,6 +310,11 @@ def test_a_failed_redo_leaves_no_stale_output(batch_in: Path, tiny_model: Path, 
     redo = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1), force=True)
     assert redo.records["a__ct1"]["status"] == "failed"
     assert not (out / "a__ct1").exists()  # the earlier "ok" folder would contradict batch.csv
+    # an input gone from the cohort: --force redoes the output as a whole, its old case folder goes too
+    (batch_in / "b_ct2.nii.gz").unlink()
+    redo = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1), force=True)
+    assert "b_ct2" not in redo.records and not (out / "b_ct2").exists()
+    assert sorted(p.parent.name for p in out.glob("*/case.json")) == ["patient3__series"]
 
 
 def test_batch_output_kinds_and_demo_model(batch_in: Path, tmp_path: Path) -> None:
@@ -294,6 +325,23 @@ def test_batch_output_kinds_and_demo_model(batch_in: Path, tmp_path: Path) -> No
     res = CliRunner().invoke(app, ["batch", str(batch_in), str(tmp_path / "o"), "--model", "demo",
                                    "--passport-grid", "fine", "-q"])
     assert res.exit_code == 5
+
+
+def test_a_label_map_given_as_a_ct_is_segmented_with_a_warning(tiny_model: Path, tmp_path: Path) -> None:
+    """As `segment` does: the case runs, and the warning is on stderr (with -q too) and in its record."""
+    from ctpassport.io.nifti import make_nifti, save_nifti
+
+    src = tmp_path / "in"
+    src.mkdir()
+    lab = np.zeros((40, 40, 20), np.uint8)
+    lab[5:20, 5:20, 3:12], lab[22:35, 10:30, 5:15] = 5, 2
+    save_nifti(make_nifti(lab, np.diag([3.0, 3.0, 3.0, 1.0])), src / "seg.nii.gz")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["batch", str(src), str(out), "--model", str(tiny_model), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "ctpassport: warning: seg: the input holds only 3 distinct values" in res.stderr
+    rec = json.loads((out / "seg" / "case.json").read_text())
+    assert rec["status"] == "ok" and "label map" in rec["warnings"][0]
 
 
 def test_bad_arguments(batch_in: Path, tmp_path: Path) -> None:

@@ -353,9 +353,14 @@ def test_segment_cli_backend_option(tmp_path: Path, ct_dir: Path, onnx_cache: Pa
                               "--backend", "tensorflow", "-q"])
     assert res.exit_code == 5 and "unknown backend" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     if not B.cuda_available():
+        # the CUDA backend named: it cannot run here (exit 3); --device gpu: the CPU, with a warning (as
+        # TotalSegmentator falls back)
+        res = runner.invoke(app, ["segment", "-i", ct, "-o", str(tmp_path / "g.nii.gz"), "--ml", "--model",
+                                  str(home), "--backend", "cuda", "-q"])
+        assert res.exit_code == 3 and "no CUDA GPU" in res.stderr
         res = runner.invoke(app, ["segment", "-i", ct, "-o", str(tmp_path / "g.nii.gz"), "--ml", "--model",
                                   str(home), "--device", "gpu", "-q"])
-        assert res.exit_code == 3 and "no CUDA GPU" in res.stderr
+        assert res.exit_code == 0 and "no CUDA GPU is visible: running on the CPU" in res.stderr
 
 
 @pytest.mark.torch

@@ -43,12 +43,26 @@ def _strip_suffix(name: str) -> str:
     return name
 
 
+#: Longest case id (an output folder name; its temporary sibling ``.<id>.tmp-XXXXXXXX`` must stay under the
+#: file systems' 255 bytes): longer ids keep their start and end around a hash of the whole.
+MAX_CASE_ID = 120
+#: Names in the batch output folder that are not cases (a case named like them gets a suffix).
+RESERVED_IDS = frozenset({"batch.json", "batch.csv", OUTPUT_MARKER.lower()})
+
+
 def case_id_for(rel: Path) -> str:
     """Output folder name for a path relative to the batch input: parts joined by ``__``, suffix dropped,
-    characters outside ``[A-Za-z0-9._-]`` replaced by ``_``."""
+    characters outside ``[A-Za-z0-9._-]`` replaced by ``_``; at most :data:`MAX_CASE_ID` characters (a long
+    id keeps its start and end around 10 hex digits of its SHA-256)."""
+    import hashlib
+
     parts = list(rel.parts[:-1]) + [_strip_suffix(rel.name)] if rel.parts else ["case"]
     cid = "__".join(_SAFE.sub("_", p) for p in parts if p not in ("", "."))
     cid = cid.lstrip(".") or "case"
+    if len(cid) > MAX_CASE_ID:
+        tag = hashlib.sha256(cid.encode()).hexdigest()[:10]
+        keep = (MAX_CASE_ID - len(tag) - 2) // 2
+        cid = f"{cid[:keep]}-{tag}-{cid[-keep:]}"
     return cid
 
 
@@ -69,9 +83,11 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
       picks its largest CT series, looking into its subfolders too); folders without DICOM files are
       searched further. ``in_dir`` itself may be such a DICOM folder.
 
-    Hidden entries (``.*``, ``__MACOSX``), ``exclude`` (e.g. an output folder inside ``in_dir``) and folders
-    that ctpassport wrote (holding its output marker, a ``batch.json`` or a ``case.json``: an earlier batch's
-    label maps are not CTs) are skipped. Case ids are unique (``-2``, ``-3``... appended on collisions).
+    Hidden entries (``.*``, ``__MACOSX``), ``exclude`` (e.g. an output folder inside ``in_dir``; it may not be
+    ``in_dir`` itself) and folders that ctpassport wrote (holding its output marker, a ``batch.json`` or a
+    ``case.json``: an earlier batch's label maps are not CTs) are skipped. Symbolic links to folders are
+    followed (each real folder once). Case ids are unique (``-2``, ``-3``... appended on collisions) and never
+    one of :data:`RESERVED_IDS`.
     """
     root = Path(in_dir).resolve()
     if not root.exists():
@@ -79,10 +95,19 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
     if not root.is_dir():
         raise InputError("is not a folder", root, "batch takes a folder of NIfTI files and DICOM folders")
     skip = Path(exclude).resolve() if exclude is not None else None
+    if skip is not None and skip == root:
+        raise InputError("is both the input and the output folder", root,
+                         "write the batch's outputs to another folder (it may be inside the input folder)")
     found: list[tuple[Path, InputKind]] = []
-    for dirpath, dirs, files in os.walk(root):
+    seen: set[Path] = set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
         here = Path(dirpath)
-        if skip is not None and (here == skip or skip in here.parents):
+        real = here.resolve()
+        if real in seen:  # a link back to a folder already searched (or a loop)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        if skip is not None and (real == skip or skip in real.parents):
             dirs[:] = []
             continue
         if here != root and any(name in files for name in _OUTPUT_FILES):
@@ -107,7 +132,7 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
         rel = path.relative_to(root) if path != root else Path(root.name)
         cid = base = case_id_for(rel)
         n = 2
-        while cid.lower() in used:
+        while cid.lower() in used or cid.lower() in RESERVED_IDS:
             cid = f"{base}-{n}"
             n += 1
         used.add(cid.lower())
@@ -122,7 +147,13 @@ def input_signature(path: str | Path) -> dict[str, int]:
         st = p.stat()
         return {"files": 1, "bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
     n = size = newest = 0
-    for dirpath, dirs, files in os.walk(p):
+    seen: set[Path] = set()
+    for dirpath, dirs, files in os.walk(p, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen:  # a link loop
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not _hidden(d)]
         for name in files:
             if _hidden(name):

@@ -173,8 +173,11 @@ def _run_pool(todo: list[Case], out: str, opts: BatchOptions, workers: int) -> I
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     except BaseException:  # Ctrl-C, or the consumer closed us: stop the workers now, not after their case
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
             proc.terminate()
+        for proc in procs:  # gone before the caller cleans their temporary folders up
+            proc.join(timeout=10)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True, cancel_futures=True)
@@ -193,6 +196,7 @@ def _run_dask(todo: list[Case], out: str, opts: BatchOptions, scheduler: str,
     except (OSError, TimeoutError, ValueError) as exc:
         raise CTPassportError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from None
     tag = uuid.uuid4().hex[:8]
+    futures: dict[Any, Case] = {}
     try:
         futures = {client.submit(run_case, case, out, opts, key=f"ctpassport-{tag}-{case.case_id}",
                                  pure=False, retries=0): case for case in todo}
@@ -203,6 +207,11 @@ def _run_dask(todo: list[Case], out: str, opts: BatchOptions, scheduler: str,
             except Exception as exc:  # noqa: BLE001 - KilledWorker, lost connection...
                 yield _failed(case, f"Dask: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     finally:
+        # stopped early (Ctrl-C): cases not started never start; a case already running on a worker cannot be
+        # stopped from here and finishes into its folder (batch.json lists it as pending: --resume adopts it)
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending, force=True)
         client.close()
 
 
@@ -226,10 +235,14 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
 
     ``workers > 1``: a local process pool; ``scheduler``: a Dask scheduler address (``tcp://host:8786``).
     ``resume``: keep finished cases (complete folder, same input path and unchanged files) and redo the
-    rest; without it an existing batch output is refused unless ``force`` (then every case is redone).
+    rest; without it an existing batch output is refused unless ``force`` (then every case is redone, and
+    case folders of inputs no longer there are removed).
     ``on_plan(total, already_done)`` is called once before work starts, ``on_record(record)`` after every
     case. Failing cases are recorded and the others go on; ``batch.json``/``batch.csv`` are rewritten
-    after every case. ``connect_timeout``: seconds to wait for the Dask scheduler.
+    after every case. ``connect_timeout``: seconds to wait for the Dask scheduler. An interrupted batch
+    (Ctrl-C, SIGTERM) stops its local workers and removes their half-written folders; on Dask, cases not
+    started are cancelled, and a case already running on a worker finishes into its folder (listed as
+    pending in ``batch.json``; ``--resume`` adopts it).
     """
     opts = opts or BatchOptions()
     src = Path(in_dir).resolve()
@@ -256,6 +269,11 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
         raise OutputExistsError(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_partial(out)
+    if force and not resume:  # the output is redone as a whole: no case folder of an input that is gone stays
+        planned = {c.case_id for c in cases}
+        for p in out.iterdir():
+            if _is_case_dir(p) and p.name not in planned:
+                shutil.rmtree(p)
     if scheduler is not None:
         executor = f"dask({scheduler})"
     elif workers > 1:
@@ -293,6 +311,8 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
         close = getattr(stream, "close", None)
         if close is not None:
             close()
+        if scheduler is None:  # local workers are stopped: what they were writing is partial (Dask: see above)
+            clean_partial(out)
         summary.status = "interrupted"
         summary.finished = _now()
         summary.write()
@@ -300,6 +320,7 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+    clean_partial(out)  # e.g. a Dask worker killed mid-case (the case itself was rerun elsewhere)
     summary.status = "complete"
     summary.finished = _now()
     summary.write()

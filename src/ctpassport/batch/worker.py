@@ -113,7 +113,7 @@ def run_case(case: Case, out_dir: str, opts: BatchOptions) -> dict[str, Any]:
     """
     from ..io.atomic import atomic_path, write_text_atomic
     from ..io.dicom import DicomImage3D
-    from ..io.load import load_ct, source_sha256
+    from ..io.load import label_map_suspicion, load_ct, source_sha256
     from ..segment.pipeline import Timings
 
     t0 = time.perf_counter()
@@ -131,6 +131,9 @@ def run_case(case: Case, out_dir: str, opts: BatchOptions) -> dict[str, Any]:
             tm = Timings()
             with tm.stage("load"):
                 image = load_ct(case.path)
+            why = label_map_suspicion(image.data)
+            if why:  # segmented all the same (as `segment` does), with the warning in the record
+                record["warnings"] = [f"the input {why}"]
             if isinstance(image, DicomImage3D) and image.meta is not None:
                 meta = image.meta.as_dict()
                 source_hash = image.meta.source_sha256
