@@ -167,7 +167,7 @@ def _parse_device(device: str) -> int | None:
     return int(m.group(1) or 0)
 
 
-def _gpu_backend(gpu: int | None, quiet: bool) -> str | None:
+def _gpu_backend(gpu: int | None) -> str | None:
     """The backend for ``--device``: None (auto, CPU) for the CPU, ``cuda`` on GPU ``gpu`` (made the visible
     one, within any ``CUDA_VISIBLE_DEVICES`` already set), or, as TotalSegmentator does, the CPU with a
     warning when no GPU is visible."""
@@ -223,8 +223,9 @@ def segment_cmd(
     TotalSegmentator's command lines work: its option spellings are accepted (-ml, -rs, -s, -ot, -d, -nr,
     --fast/-f, --force_split/-fs, -ns, -v, -ta total); options that would change the result in ways
     ctpassport does not reproduce (--skip_saving, --preview, --body_seg, other tasks, RT-STRUCT output) are
-    refused with a one-line message. Differences: -rs takes one name per flag (-rs liver -rs spleen), -s takes
-    no path, -nr sets inference threads, and overwriting needs --force (long form only).
+    refused with a one-line message. Differences: -s takes no path, -nr sets inference threads, and
+    overwriting needs --force (long form only). From the command line -rs takes several names (-rs liver
+    spleen), as does the repeated form (-rs liver -rs spleen).
     """
     from .config import Config
     from .errors import InputError
@@ -265,7 +266,7 @@ def segment_cmd(
 
         check_seg_source(image)
     _warn_if_label_map(input, image.data)
-    chosen = backend or _gpu_backend(gpu, quiet)
+    chosen = backend or _gpu_backend(gpu)
     _say(quiet, "Loading model...")
     seg = Segmenter(model, backend=chosen, threads=nr_thr or None, config=cfg)
     _say(quiet, f"Model {seg.model.model_id} on {seg.backend_name}")
