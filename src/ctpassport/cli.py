@@ -1241,22 +1241,19 @@ def totalsegmentator_argv(argv: list[str]) -> list[str]:
     if cmd is None or argv[cmd] != "segment":
         return list(argv)
     out = list(argv[: cmd + 1])
-    flag, named = None, False
-    for tok in argv[cmd + 1:]:
-        if tok in ("-rs", "--roi_subset"):
-            if flag is not None and not named:
-                out.append(flag)  # a flag with no name: left for the parser to report
-            flag, named = tok, False
-        elif flag is not None and not tok.startswith("-"):
-            out += [flag, tok]
-            named = True
-        else:
-            if flag is not None and not named:
-                out.append(flag)
-            flag = None
+    rest = argv[cmd + 1:]
+    k = 0
+    while k < len(rest):
+        tok = rest[k]
+        k += 1
+        if tok not in ("-rs", "--roi_subset"):
             out.append(tok)
-    if flag is not None and not named:
-        out.append(flag)
+            continue
+        names = []
+        while k < len(rest) and not rest[k].startswith("-"):
+            names.append(rest[k])
+            k += 1
+        out += [x for name in names for x in (tok, name)] or [tok]  # no name: left for the parser to report
     return out
 
 

@@ -577,7 +577,7 @@ def add_to_store(
     from ..store.db import PassportStore, StudyMeta
 
     meta = StudyMeta(
-        source_sha256=study_sha256(study),
+        source_sha256=run.passport.source.sha256 or study_sha256(study),  # the app's passports carry it
         patient_id=patient_id or None,
         study_date=study_date or None,
         modality="CT",

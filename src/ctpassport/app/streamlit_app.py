@@ -124,7 +124,6 @@ def segment_with_progress(study: core.Study, settings: dict[str, Any]) -> core.S
     """Segment ``study`` showing a status box with a progress bar; None (and a message) when it fails."""
     if settings.get("reference") and study.truth_labels is not None:
         run = core.reference_run(study)
-        run.settings = core.run_settings(settings, study)
         st.toast(f"{study.name}: phantom reference labels ({len(run.passport.organs)} organs)")
         return run
     box = st.status(f"Segmenting {study.name}", expanded=True)
@@ -162,7 +161,6 @@ def segment_with_progress(study: core.Study, settings: dict[str, Any]) -> core.S
             bar.progress(1.0, text=f"Inference: {run.n_tiles} of {run.n_tiles} patches")
             run.timings = {"model load": load_s, **run.timings}
             run.model_path = str(choice.path)
-            run.settings = core.run_settings(settings, study)
             box.update(
                 label=f"Segmented {study.name}: {len(run.passport.organs)} organs in "
                 f"{sum(run.timings.values()):.1f} s",
@@ -180,6 +178,7 @@ def run_segmentation(ss: Any, settings: dict[str, Any]) -> None:
     run = segment_with_progress(ss.study, settings)
     if run is None:
         return
+    run.settings = core.run_settings(settings, ss.study)  # what the page compares the settings with later
     ss.seg = run
     ss.view = ss.view.with_labels(viewer.canonical_labels(run.labels, ss.study.image.affine))
     for key in PLANE_KEYS.values():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,19 @@ def _has_dicom_files(folder: Path, files: list[str]) -> bool:
     return False
 
 
+def _walk(root: Path) -> Iterator[tuple[Path, Path, list[str], list[str]]]:
+    """``os.walk`` following links to folders, each real folder once (a link back up is not a loop):
+    ``(folder, its resolved path, its subfolders (prune in place), its files)``."""
+    seen: set[Path] = set()
+    for dirpath, dirs, files in os.walk(root, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield Path(dirpath), real, dirs, files
+
+
 def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> list[Case]:
     """Every CT under ``in_dir``, sorted by path.
 
@@ -99,14 +113,7 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
         raise InputError("is both the input and the output folder", root,
                          "write the batch's outputs to another folder (it may be inside the input folder)")
     found: list[tuple[Path, InputKind]] = []
-    seen: set[Path] = set()
-    for dirpath, dirs, files in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        real = here.resolve()
-        if real in seen:  # a link back to a folder already searched (or a loop)
-            dirs[:] = []
-            continue
-        seen.add(real)
+    for here, real, dirs, files in _walk(root):
         if skip is not None and (real == skip or skip in real.parents):
             dirs[:] = []
             continue
@@ -147,19 +154,13 @@ def input_signature(path: str | Path) -> dict[str, int]:
         st = p.stat()
         return {"files": 1, "bytes": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
     n = size = newest = 0
-    seen: set[Path] = set()
-    for dirpath, dirs, files in os.walk(p, followlinks=True):
-        real = Path(dirpath).resolve()
-        if real in seen:  # a link loop
-            dirs[:] = []
-            continue
-        seen.add(real)
+    for here, _real, dirs, files in _walk(p):
         dirs[:] = [d for d in dirs if not _hidden(d)]
         for name in files:
             if _hidden(name):
                 continue
             try:
-                st = (Path(dirpath) / name).stat()
+                st = (here / name).stat()
             except OSError:
                 continue
             n += 1
