@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ctpassport.cli import app
+from ctpassport.errors import OutputError
 from ctpassport.fetch import DATASETS, FETCH_JSON, FetchError, download, fetch_dataset
 from ctpassport.io.nifti import make_nifti, nifti_bytes, read_image
 
@@ -269,3 +270,45 @@ def test_arguments_checked_before_any_download(tmp_path: Path, args: list[str], 
     res = CliRunner().invoke(app, ["fetch-data", *[a.format(d=tmp_path) for a in args]])
     assert res.exit_code == code and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.output
     assert not (tmp_path / "fd").exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_dataset_folder_that_ctpassport_did_not_fetch_is_never_replaced(
+    server: ArchiveServer, tmp_path: Path, force: bool
+) -> None:
+    blob = msd_tar()
+    server.files["Task09_Spleen.tar"] = blob
+    dest = tmp_path / "data"
+    (dest / "msd-spleen").mkdir(parents=True)
+    (dest / "msd-spleen" / "my_notes.txt").write_text("mine")
+    (dest / "learn2reg-lungct").write_text("a file where the dataset folder goes")
+    for name, what in (("msd-spleen", "did not fetch"), ("learn2reg-lungct", "is not a folder")):
+        res = CliRunner().invoke(app, ["fetch-data", name, "--dest", str(dest), "--url",
+                                       server.url("Task09_Spleen.tar"), "--sha256", sha(blob), "-q"]
+                                 + (["--force"] if force else []))
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 4 and len(lines) == 1 and what in lines[0], res.output
+    assert server.requests == []  # refused before any download
+    assert (dest / "msd-spleen" / "my_notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (dest / "msd-spleen").iterdir()) == ["my_notes.txt"]
+    assert (dest / "learn2reg-lungct").read_text().startswith("a file")
+    # a folder it fetched itself is replaced by --force
+    (dest / "msd-spleen" / "my_notes.txt").unlink()
+    (dest / "msd-spleen").rmdir()
+    res = CliRunner().invoke(app, ["fetch-data", "msd-spleen", "--dest", str(dest), "--url",
+                                   server.url("Task09_Spleen.tar"), "--sha256", sha(blob), "-q"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["fetch-data", "msd-spleen", "--dest", str(dest), "--url",
+                                   server.url("Task09_Spleen.tar"), "--sha256", sha(blob), "-q", "--force"])
+    assert res.exit_code == 0 and (dest / "msd-spleen" / FETCH_JSON).is_file(), res.output
+
+
+def test_fetch_dataset_with_force_never_replaces_a_foreign_folder(server: ArchiveServer, tmp_path: Path) -> None:
+    """The library call is protected like the command: ``force=True`` replaces only what ctpassport fetched."""
+    blob = msd_tar()
+    server.files["Task09_Spleen.tar"] = blob
+    (tmp_path / "msd-spleen").mkdir()
+    (tmp_path / "msd-spleen" / "results.csv").write_text("mine")
+    with pytest.raises(OutputError, match="did not fetch"):
+        fetch_dataset("msd-spleen", tmp_path, url=server.url("Task09_Spleen.tar"), sha256=sha(blob), force=True)
+    assert server.requests == [] and (tmp_path / "msd-spleen" / "results.csv").read_text() == "mine"

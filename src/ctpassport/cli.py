@@ -352,14 +352,23 @@ def model_export_cmd(
 @model_app.command("info")
 @handle_errors
 def model_info_cmd(
-    model: Annotated[Path | None, typer.Argument(help="Trainer folder or TotalSegmentator home dir.")] = None,
+    model: Annotated[Path | None, typer.Argument(help="Trainer folder or TotalSegmentator home dir; `demo` = the embedded demo model (default: the installed weights, as `segment` finds them).")] = None,
 ) -> None:
     """Show the model folder that would be used and its key facts (JSON)."""
     import json
 
+    from .errors import ModelError
     from .model.folder import load_model_folder, locate_model
 
-    m = load_model_folder(locate_model(model))
+    try:
+        found = locate_model(model)
+    except ModelError as exc:  # its hint names `--model`, which this command spells as its MODEL argument
+        if not exc.hint or "--model" not in exc.hint:
+            raise
+        hint = exc.hint.replace("pass --model PATH", "name the model: `ctpassport model info PATH`").replace(
+            "`--model demo` runs", "`ctpassport model info demo` shows")
+        raise ModelError(exc.problem, exc.path, hint) from None
+    m = load_model_folder(found)
     typer.echo(json.dumps({
         "path": str(m.path), "model_id": m.model_id, "network": m.architecture.short_name,
         "features_per_stage": list(m.architecture.features_per_stage), "patch_size_nnunet": list(m.patch_size),
@@ -423,14 +432,21 @@ def show_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Draw a passport: 3-D organ map, volumes, axial/coronal/sagittal projections, spine view."""
+    from .errors import InputError
     from .io.atomic import check_writable
     from .passport.schema import load_passport
-    from .passport.show import render_html, render_png
+    from .passport.show import render_html, render_png, require_drawing
 
     if output is None and html is None:
         raise ConfigError("nothing to write: give -o picture.png and/or --html page.html")
+    require_drawing(png=output is not None, html=html is not None)
+    if output is not None and html is not None and output.resolve() == html.resolve():
+        raise InputError("-o and --html name the same file: give the picture and the page different names",
+                         output)
     for out in (output, html):
         if out is not None:
+            if out.resolve() == passport.resolve():
+                raise InputError("is the passport being drawn: name the picture or page another file", out)
             check_writable(out, force)
     p = load_passport(passport)
     if output is not None:
@@ -487,7 +503,7 @@ def register_cmd(
     tier: Annotated[str, typer.Option("--tier", help="rigid or deformable.")] = "rigid",
     method: Annotated[str | None, typer.Option("--method", help="Deformable smooth fit: demons (passports, default), tps (points, default), bspline, sitk-bspline.")] = None,
     lps: Annotated[bool, typer.Option("--lps", help="Point CSVs are LPS (default RAS).")] = False,
-    reference: Annotated[Path | None, typer.Option("--reference", help="Points form: fixed image whose grid the displacement field is written on.")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", help="Points form: fixed image whose grid the displacement field is written on and images are warped onto (without it the field covers the landmarks plus 30 mm, and warp -i needs --reference).")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="JSON {class name or pattern: stability weight} overriding the default table.")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Organ name or id to leave out (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output folder.")] = False,
@@ -555,8 +571,8 @@ def warp_cmd(
     transform: Annotated[Path, typer.Option("--transform", "-t", help="Registration folder (or an ITK transform file).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Warped NIfTI, or mapped points CSV with --points.")],
     input: Annotated[Path | None, typer.Option("-i", "--input", help="Moving image or label map (NIfTI).")] = None,
-    reference: Annotated[Path | None, typer.Option("--reference", "-r", help="Fixed image defining the output grid (default: the fixed grid of the registration).")] = None,
-    labels: Annotated[bool, typer.Option("--labels", help="Label map: nearest neighbour, no new label values.")] = False,
+    reference: Annotated[Path | None, typer.Option("--reference", "-r", help="Fixed image defining the output grid (default: the fixed image's grid recorded in the registration folder; for a bare ITK transform file, its displacement field's grid).")] = None,
+    labels: Annotated[bool, typer.Option("--labels", help="Label map: nearest neighbour, no new label values (--fill, if given, must be a whole number the label map's type holds).")] = False,
     points: Annotated[Path | None, typer.Option("--points", help="Fixed-space points CSV (header x,y,z) to map to the moving space.")] = None,
     lps: Annotated[bool, typer.Option("--lps", help="Point CSVs are LPS (default RAS).")] = False,
     fill: Annotated[float | None, typer.Option("--fill", help="Value outside the moving image (default: 0 for labels, the image minimum otherwise).")] = None,
@@ -568,9 +584,14 @@ def warp_cmd(
     from .io.atomic import check_writable
     from .register.api import load_transform
 
-    check_writable(output, force)
     if (input is None) == (points is None):
         raise InputError("give either -i (an image or label map to warp) or --points (a CSV to map)")
+    if input is not None and not output.name.endswith((".nii", ".nii.gz")):
+        raise InputError("the warped image is NIfTI: its name must end with .nii or .nii.gz", output)
+    if transform.is_file() and transform.name.endswith((".nii", ".nii.gz")):
+        raise InputError("is a NIfTI file; warp reads a registration folder or its ITK transform "
+                         "(transform.h5)", transform)
+    check_writable(output, force)
     res = load_transform(transform)
     if points is not None:
         from .register.points import read_points_csv, write_points_csv
@@ -581,15 +602,20 @@ def warp_cmd(
         return
     import numpy as np
 
+    from .io.load import label_map_suspicion
     from .io.nifti import make_nifti, read_image, save_nifti
 
     assert input is not None
     moving = read_image(input, kind="label map" if labels else "image")
     if labels and not np.issubdtype(moving.data.dtype, np.integer):
         raise InputError("--labels needs an integer label map (found floating-point voxels)", input)
+    if not labels and label_map_suspicion(moving.data) is not None:
+        _warn(f"{input} looks like a label map or mask (few distinct whole numbers): it is interpolated "
+              "linearly, which makes new values at label borders; pass --labels to warp it as labels")
     ref = read_image(reference) if reference is not None else None
-    if ref is None and res.grid is None:
-        raise InputError("the transform has no fixed grid: pass --reference fixed.nii.gz", transform)
+    if ref is None and res.fixed_grid is None:
+        raise InputError("has no fixed image grid (fitted to points without --reference, or no field): "
+                         "pass --reference fixed.nii.gz", transform)
     out = res.warp_image(moving, ref, labels=labels, fill=fill)
     img = make_nifti(out.data, out.affine, ref.header if ref is not None else None, dtype=out.data.dtype)
     if labels:
@@ -697,14 +723,19 @@ def phantom_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Make a synthetic torso CT with TotalSegmentator labels (and optionally a follow-up with a known motion)."""
+    import math
+
     from .phantom import write_phantom
 
     try:
         angles = tuple(float(v) for v in oblique.split(","))
     except ValueError:
         angles = ()
-    if len(angles) != 3:
-        raise ConfigError(f"--oblique must be three angles in degrees, not {oblique!r}")
+    if len(angles) != 3 or not all(math.isfinite(a) for a in angles):
+        raise ConfigError(f"--oblique must be three finite angles in degrees, not {oblique!r}")
+    for flag, value in (("--seed", seed), ("--motion-seed", motion_seed)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be a non-negative integer, not {value}")
     outs = write_phantom(output, labels, seed=seed, spacing=spacing, orientation=orientation,
                          oblique_deg=angles, follow_up=follow_up, follow_up_labels=follow_up_labels,
                          transform=transform, truth=truth, motion_seed=motion_seed, force=force)
@@ -1138,16 +1169,17 @@ def fetch_data_cmd(
     sha256: Annotated[str | None, typer.Option("--sha256", help="Expected SHA-256 of the archive.")] = None,
     md5: Annotated[str | None, typer.Option("--md5", help="Expected MD5 of the archive.")] = None,
     keep_archive: Annotated[bool, typer.Option("--keep-archive", help="Keep the downloaded archive in --dest.")] = False,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Fetch again even when DATASET/ exists.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Fetch again and replace DATASET/ (only a folder that ctpassport fetched; anything else there is refused).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Download a public dataset (resumable, checksum-verified) and unpack it for the benchmarks."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from .fetch import check_fetch_arguments, fetch_dataset
+    from .fetch import check_dataset_folder, check_fetch_arguments, fetch_dataset
 
     check_fetch_arguments(dataset, dest, url=url, sha256=sha256, md5=md5)  # before any progress bar
+    check_dataset_folder(dest / dataset)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                         console=Console(stderr=True), disable=quiet)
     task = progress.add_task(dataset, total=None)

@@ -34,8 +34,8 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from . import __version__
-from .errors import CTPassportError, InputError, OutputExistsError
-from .io.atomic import atomic_path, write_text_atomic
+from .errors import CTPassportError, InputError, OutputError, OutputExistsError
+from .io.atomic import OUTPUT_MARKER, atomic_path, write_text_atomic
 
 FETCH_JSON = "ctpassport-fetch.json"
 CHUNK = 1 << 20
@@ -315,6 +315,23 @@ def check_fetch_arguments(name: str, dest: str | Path, *, url: str | None = None
             raise ConfigError(f"{flag} must be {n} hexadecimal digits, not {value!r}")
 
 
+def check_dataset_folder(folder: Path) -> None:
+    """Raise :class:`OutputError` unless ``folder`` (``DEST/DATASET``) may be replaced by a fresh download:
+    absent, empty, fetched by ctpassport (it holds ``ctpassport-fetch.json``) or written by ctpassport (its
+    output marker). Anything else there is the user's own and is never replaced, ``force`` or not."""
+    if folder.is_dir():
+        if (folder / FETCH_JSON).is_file() or (folder / OUTPUT_MARKER).is_file():
+            return
+        entries = sorted(e.name for e in folder.iterdir())
+        if entries:
+            raise OutputError(f"is a folder that ctpassport did not fetch ({len(entries)} entries, e.g. "
+                              f"{entries[0]!r}); not replaced, even with --force", folder,
+                              "move it away or choose another --dest")
+    elif folder.exists() or folder.is_symlink():
+        raise OutputError("exists and is not a folder; the dataset is unpacked into a folder of that name",
+                          folder, "move it away or choose another --dest")
+
+
 def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256: str | None = None,
                   md5: str | None = None, force: bool = False, keep_archive: bool = False, retries: int = 3,
                   timeout: float = 60.0, progress: Callable[[int, int | None], None] | None = None,
@@ -336,6 +353,7 @@ def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256
             note(f"{final} is already there (delete it or pass --force to fetch again)")
             return final
         raise OutputExistsError(final)
+    check_dataset_folder(final)
     created_dest = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
     downloads = dest / ".downloads"

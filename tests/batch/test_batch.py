@@ -16,10 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from ctpassport.batch.discover import discover_cases
-from ctpassport.batch.runner import BATCH_CSV, BATCH_JSON, run_batch
+from ctpassport.batch.runner import BATCH_CSV, BATCH_JSON, output_lock, run_batch
 from ctpassport.batch.worker import BatchOptions
 from ctpassport.cli import app
-from ctpassport.errors import CTPassportError, InputError, OutputExistsError
+from ctpassport.errors import CTPassportError, InputError, OutputError, OutputExistsError
 from ctpassport.io.atomic import OUTPUT_MARKER
 from ctpassport.io.load import load_ct
 from ctpassport.io.nifti import read_image
@@ -315,6 +315,26 @@ def test_a_failed_redo_leaves_no_stale_output(batch_in: Path, tiny_model: Path, 
     redo = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1), force=True)
     assert "b_ct2" not in redo.records and not (out / "b_ct2").exists()
     assert sorted(p.parent.name for p in out.glob("*/case.json")) == ["patient3__series"]
+
+
+def test_a_second_batch_into_a_running_batchs_folder_is_refused(batch_in: Path, tiny_model: Path,
+                                                                 tmp_path: Path) -> None:
+    """The output folder is locked while a batch runs: a second batch there (even with --force) is refused and
+    leaves the first one's temporary case folders alone; once the first is done the folder is free again."""
+    out = tmp_path / "out"
+    out.mkdir()
+    partial = out / ".a__ct1.tmp-1234abcd"  # what the running batch is writing
+    partial.mkdir()
+    with output_lock(out):
+        with pytest.raises(OutputError, match="another ctpassport batch"):
+            run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1), force=True)
+        assert partial.is_dir()
+        res = CliRunner().invoke(app, ["batch", str(batch_in), str(out), "--model", str(tiny_model), "--force",
+                                       "-q"])
+        assert res.exit_code != 0 and "another ctpassport batch" in res.output, res.output
+        assert partial.is_dir() and not (out / BATCH_JSON).exists()
+    assert run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1)).counts()["ok"] == 3
+    assert not partial.exists()  # the lock is free: this batch cleans what the other left
 
 
 def test_batch_output_kinds_and_demo_model(batch_in: Path, tmp_path: Path) -> None:

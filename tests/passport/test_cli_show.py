@@ -134,3 +134,31 @@ def test_show_without_vertebrae_or_organs(tmp_path: Path) -> None:
         assert im.size == png_size_px(20)
     assert spine_chain(empty) == []
     render_html(empty, tmp_path / "e.html")
+
+
+@pytest.mark.parametrize("missing, option", [("matplotlib", "-o"), ("plotly", "--html")])
+def test_show_without_the_viz_extra_is_a_one_line_error(tmp_path: Path, torso_passport: Passport,
+                                                        monkeypatch: pytest.MonkeyPatch, missing: str,
+                                                        option: str) -> None:
+    # a plain `pip install ctpassport` has neither matplotlib nor plotly: say what to install, not exit 70
+    src = save_passport(torso_passport, tmp_path / "p.json")
+    monkeypatch.setitem(__import__("sys").modules, missing, None)  # `import <missing>` raises ImportError
+    out = tmp_path / ("p.png" if option == "-o" else "p.html")
+    res = runner.invoke(app, ["show", str(src), option, str(out)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code not in (0, 70) and len(lines) == 1, res.output
+    assert missing in lines[0] and "pip install 'ctpassport[viz]'" in lines[0]
+    assert not out.exists()
+
+
+def test_show_never_draws_over_its_passport_or_twice_into_one_file(tmp_path: Path,
+                                                                   torso_passport: Passport) -> None:
+    src = save_passport(torso_passport, tmp_path / "p.json")
+    before = src.read_bytes()
+    for args in (["-o", str(src), "--force"], ["--html", str(tmp_path / "." / "p.json"), "--force"],
+                 ["-o", str(tmp_path / "same"), "--html", str(tmp_path / "same")]):
+        res = runner.invoke(app, ["show", str(src), *args, "--dpi", "20"])
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1, res.output
+        assert lines[0].startswith("ctpassport: error:")
+    assert src.read_bytes() == before and not (tmp_path / "same").exists()

@@ -14,6 +14,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -106,6 +107,28 @@ def clean_partial(out_dir: Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the batch output folder ``out_dir`` (``flock`` on the folder itself, no lock
+    file; released when the block ends or the process dies), so that a second batch into the same folder is
+    refused instead of removing the first one's temporary case folders or interleaving its summary."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (one batch per output folder is then the user's business)
+        yield
+        return
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError("is being written by another ctpassport batch", out_dir,
+                              "wait for it to finish, or choose another OUT_DIR") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def finished_record(case: Case, out_dir: Path, opts: BatchOptions | None = None,
@@ -242,7 +265,8 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
     after every case. ``connect_timeout``: seconds to wait for the Dask scheduler. An interrupted batch
     (Ctrl-C, SIGTERM) stops its local workers and removes their half-written folders; on Dask, cases not
     started are cancelled, and a case already running on a worker finishes into its folder (listed as
-    pending in ``batch.json``; ``--resume`` adopts it).
+    pending in ``batch.json``; ``--resume`` adopts it). While a batch runs, its output folder is locked: a second
+    batch into the same folder is refused (:class:`OutputError`) and the first goes on undisturbed.
     """
     opts = opts or BatchOptions()
     src = Path(in_dir).resolve()
@@ -268,6 +292,17 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
     if existing and not (resume or force):
         raise OutputExistsError(out)
     out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        return _run_locked(cases, src, out, opts, workers=workers, scheduler=scheduler, resume=resume,
+                           force=force, model_id=model_id, on_record=on_record, on_plan=on_plan,
+                           connect_timeout=connect_timeout)
+
+
+def _run_locked(cases: list[Case], src: Path, out: Path, opts: BatchOptions, *, workers: int,
+                scheduler: str | None, resume: bool, force: bool, model_id: str | None,
+                on_record: Callable[[dict[str, Any]], None] | None, on_plan: Callable[[int, int], None] | None,
+                connect_timeout: float) -> BatchSummary:
+    """:func:`run_batch` once its inputs are checked and the output folder ``out`` is locked."""
     clean_partial(out)
     if force and not resume:  # the output is redone as a whole: no case folder of an input that is gone stays
         planned = {c.case_id for c in cases}

@@ -47,6 +47,22 @@ _VIEWS = {
 }
 
 
+def require_drawing(*, png: bool = True, html: bool = False) -> None:
+    """Raise :class:`~ctpassport.errors.CTPassportError` (one line, with the pip command) unless the optional
+    libraries are installed: matplotlib for the PNG (:func:`render_png`), plotly for the page
+    (:func:`render_html`). Both come with ``pip install 'ctpassport[viz]'``; a plain install has neither."""
+    from ..errors import CTPassportError
+
+    for wanted, module, what in ((png, "matplotlib", "the PNG picture"), (html, "plotly", "the HTML page")):
+        if not wanted:
+            continue
+        try:
+            __import__(module)
+        except ImportError:
+            raise CTPassportError(f"drawing {what} of a passport needs {module}, which is not installed",
+                                  hint="pip install 'ctpassport[viz]'") from None
+
+
 def png_size_px(dpi: int = 100) -> tuple[int, int]:
     """(width, height) in pixels of the PNG :func:`render_png` writes at ``dpi``."""
     return round(FIGSIZE_IN[0] * dpi), round(FIGSIZE_IN[1] * dpi)
@@ -256,6 +272,7 @@ def _title(passport: Passport) -> str:
 
 def render_png(passport: Passport, path: str | Path, *, dpi: int = 100) -> Path:
     """Draw the passport (see the module docstring) into a PNG of :func:`png_size_px` pixels; atomic write."""
+    require_drawing(png=True)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -362,6 +379,7 @@ def html_figures(passport: Passport) -> list[Any]:
 
 def render_html(passport: Passport, path: str | Path) -> Path:
     """Write an interactive, self-contained HTML page (plotly.js embedded: works offline); atomic write."""
+    require_drawing(png=False, html=True)
     figs = html_figures(passport)
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figs)]
     names = ", ".join(html.escape(organ_label(o)) for o in passport.organs) or "none"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..io.atomic import check_writable, write_text_atomic
 from ..types import Affine
 from .anatomy import ANALYTIC_ORGANS, ANATOMY_VERSION, OrganTruth, Phantom, build_phantom
@@ -42,14 +42,21 @@ class PhantomScan:
     motion: TrueTransform | None = None  # set for a follow-up: maps baseline (fixed) -> this scan (moving)
 
 
+def _check_motion_seed(motion_seed: int) -> None:
+    if int(motion_seed) < 0:
+        raise ConfigError(f"the follow-up's motion seed must be a non-negative integer, not {motion_seed}")
+
+
 def follow_up_motion(phantom: Phantom, motion_seed: int = 1, *, max_rotation_deg: float = 4.0,
                      max_translation_mm: float = 12.0, max_breath_mm: float = 12.0) -> TrueTransform:
     """The known baseline -> follow-up transform of ``phantom`` (world mm RAS+, fixed = baseline).
 
     Rigid part: rotation up to ``max_rotation_deg`` about the field-of-view centre and translation up to
     ``max_translation_mm``; deformation: diaphragm shift up to ``max_breath_mm`` centred on the liver dome and
-    a chest-wall expansion of up to half that. Deterministic per (phantom seed, ``motion_seed``).
+    a chest-wall expansion of up to half that. Deterministic per (phantom seed, ``motion_seed``), both
+    non-negative integers.
     """
+    _check_motion_seed(motion_seed)
     rng = np.random.default_rng([ANATOMY_VERSION, 31337, phantom.seed, int(motion_seed)])
     return sample_motion(rng, center=phantom.landmark_world("center"), diaphragm=phantom.landmark_world("diaphragm"),
                          chest_z=float(phantom.landmark_world("heart")[2]),
@@ -69,6 +76,8 @@ def make_scan(seed: int = 0, *, spacing: float | str | tuple[float, ...] = 3.0, 
     as its baseline. The follow-up's noise is drawn independently of the baseline's.
     """
     phantom = build_phantom(seed)
+    if follow_up:
+        _check_motion_seed(motion_seed)  # it also seeds the follow-up's noise
     if grid is None:
         grid = default_grid(phantom, spacing, orientation, oblique_deg)
     if follow_up and motion is None:
@@ -110,6 +119,30 @@ def _save_scan(scan: PhantomScan, ct_path: Path, labels_path: Path | None) -> No
         save_nifti(lab, labels_path)
 
 
+#: Peak memory of rendering one scan, bytes per voxel (measured: about 70 on the default field of view).
+RENDER_BYTES_PER_VOXEL = 80
+
+
+def check_memory_for(grid: Grid) -> None:
+    """Raise :class:`ConfigError` when rendering on ``grid`` would need more memory than is available now
+    (about :data:`RENDER_BYTES_PER_VOXEL` per voxel), instead of the process being killed half-way."""
+    import psutil
+
+    n = int(np.prod(np.asarray(grid.shape, dtype=np.float64)))
+    need = n * RENDER_BYTES_PER_VOXEL
+    have = int(psutil.virtual_memory().available)
+    if need > have:
+        sp = "x".join(f"{v:g}" for v in grid.spacing)
+        shape = "x".join(map(str, grid.shape))
+        raise ConfigError(f"a phantom at {sp} mm is a {shape} grid ({n / 1e6:.0f} M voxels) and needs about "
+                          f"{need / 1e9:.1f} GB of memory; {have / 1e9:.1f} GB are available",
+                          hint="use a coarser --spacing")
+
+
+_ROLE_NAMES = {"ct": "CT", "labels": "labels", "follow_up": "follow-up CT",
+               "follow_up_labels": "follow-up labels", "transform": "true transform", "truth": "truth JSON"}
+
+
 def write_phantom(ct: str | Path, labels: str | Path | None = None, *, seed: int = 0,
                   spacing: float | str | tuple[float, ...] = 3.0, orientation: str = "RAS",
                   oblique_deg: tuple[float, float, float] = (0.0, 0.0, 0.0), follow_up: str | Path | None = None,
@@ -129,12 +162,22 @@ def write_phantom(ct: str | Path, labels: str | Path | None = None, *, seed: int
         outs["transform"] = Path(transform) if transform else fu.with_name(f"{stem}_true_transform.json")
     if truth is not None:
         outs["truth"] = Path(truth)
+    if follow_up is None and (follow_up_labels is not None or transform is not None):
+        raise ConfigError("--follow-up-labels and --transform name outputs of the follow-up: "
+                          "give --follow-up too")
+    seen: dict[Path, str] = {}
     for role, p in outs.items():
         if role not in ("transform", "truth") and not p.name.endswith((".nii", ".nii.gz")):
             raise InputError("a phantom image's name must end with .nii or .nii.gz", p)
+        key = p.resolve()
+        if key in seen:  # one file would silently replace the other
+            raise InputError(f"named for both the {_ROLE_NAMES[seen[key]]} and the {_ROLE_NAMES[role]}: "
+                             "give each output its own name", p)
+        seen[key] = role
         check_writable(p, force)
-    base = make_scan(seed, spacing=spacing, orientation=orientation, oblique_deg=oblique_deg)
-    grid = Grid(shape=base.ct.shape, affine=base.affine)
+    grid = default_grid(build_phantom(seed), spacing, orientation, oblique_deg)
+    check_memory_for(grid)
+    base = make_scan(seed, grid=grid)
     fu_scan = None
     if follow_up is not None:
         fu_scan = make_scan(seed, grid=grid, follow_up=True, motion_seed=motion_seed)

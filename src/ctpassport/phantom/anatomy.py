@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..model.classes import NAME_TO_ID
 from .geometry import (
     Box,
@@ -219,7 +220,10 @@ def _vessel_tree(rng: np.random.Generator, root: np.ndarray, directions: list[np
 # the recipe
 # ------------------------------------------------------------------------------------------------------
 def build_phantom(seed: int = 0) -> Phantom:
-    """Sample the anatomy of phantom ``seed`` (deterministic: same seed, same phantom)."""
+    """Sample the anatomy of phantom ``seed`` (a non-negative integer; deterministic: same seed, same
+    phantom)."""
+    if int(seed) < 0:
+        raise ConfigError(f"the phantom seed must be a non-negative integer, not {seed}")
     rng = np.random.default_rng([ANATOMY_VERSION, int(seed)])
     W, D, H = _u(rng, 0.9, 1.1), _u(rng, 0.88, 1.12), _u(rng, 0.92, 1.08)
     fat = _u(rng, 8.0, 28.0)

@@ -75,7 +75,11 @@ def make_grid(corners_world: np.ndarray, spacing: float | tuple[float, ...] | st
     from .geometry import rotation_xyz
 
     sp = np.asarray(parse_spacing(spacing))
-    dirs = rotation_xyz(*oblique_deg) @ direction_matrix(orientation)
+    angles = tuple(float(a) for a in oblique_deg)
+    if len(angles) != 3 or not all(math.isfinite(a) for a in angles):
+        raise ConfigError(f"oblique angles {tuple(oblique_deg)} must be three finite numbers "
+                          "(degrees about x, y, z)")
+    dirs = rotation_xyz(*angles) @ direction_matrix(orientation)
     pts = np.asarray(corners_world, dtype=np.float64)
     proj = pts @ dirs  # coordinates along each array axis direction
     lo, hi = proj.min(axis=0), proj.max(axis=0)

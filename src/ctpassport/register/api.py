@@ -90,7 +90,8 @@ class RegistrationResult:
 
     ``grid``: the fixed-space grid (voxel -> RAS+ mm) the displacement field is written on (the fixed grid,
     downsampled to about 3 mm where finer). ``fixed_grid``: the fixed image's own grid, which images are
-    warped onto by default (``grid`` when unknown). ``summary``: the JSON-ready report (``registration.json``).
+    warped onto by default (None for points registered without the fixed image's grid: then images need a
+    reference grid). ``summary``: the JSON-ready report (``registration.json``).
     """
 
     transform: Transform
@@ -127,9 +128,10 @@ class RegistrationResult:
         Linear interpolation for images (float32 out), nearest neighbour for ``labels`` (input dtype, no new
         label values; 0 outside the moving image). See :mod:`ctpassport.register.warp`.
         """
-        ref = reference_img if reference_img is not None else (self.fixed_grid or self.grid)
+        ref = reference_img if reference_img is not None else self.fixed_grid
         if ref is None:
-            raise InputError("no reference grid: pass reference_img (the fixed image)")
+            raise InputError("no fixed image grid (e.g. fitted to points without one): pass reference_img, "
+                             "the fixed image")
         return _warp_image(self.transform, moving_img, ref, labels=labels, fill=fill)
 
     def displacement(self, grid: GridSpec | None = None) -> np.ndarray:
@@ -337,6 +339,8 @@ def register_points(
     t_rigid = time.perf_counter() - t0
     g = field_grid_for(grid) if grid is not None else bounding_grid(f)
     summary = _summary_base(tier, "kabsch" if tier == "rigid" else method, g, grid)
+    # without ``grid`` the field's box around the landmarks is not the fixed image: images need a reference
+    summary["fixed_grid"] = grid.to_dict() if grid is not None else None
     summary["points"] = len(f)
     summary["rigid"] = _rigid_summary(rfit)
     timings = {"rigid": t_rigid}
@@ -360,7 +364,7 @@ def register_points(
         }
     timings["total"] = time.perf_counter() - t0
     summary["timings_s"] = _r(timings, 6)
-    return RegistrationResult(transform, tier, g, summary, rfit, dfit, grid or g)
+    return RegistrationResult(transform, tier, g, summary, rfit, dfit, grid)
 
 
 def load_transform(path: str | Path) -> RegistrationResult:
@@ -400,7 +404,10 @@ def load_transform(path: str | Path) -> RegistrationResult:
     if grid is None and transform.field is not None:
         grid = transform.field.grid
     tier = summary.get("tier") or ("deformable" if transform.field is not None else "rigid")
-    return RegistrationResult(transform, tier, grid, summary, fixed_grid=grids.get("fixed_grid", grid))
+    # fixed_grid null beside a field_grid: fitted to points without the fixed image (no default warp grid);
+    # summaries from before field_grid, and bare ITK files, have only the field's grid
+    fixed = grids.get("fixed_grid") if summary.get("field_grid") else grids.get("fixed_grid", grid)
+    return RegistrationResult(transform, tier, grid, summary, fixed_grid=fixed)
 
 
 def rigid_from_matrix(matrix: Any) -> RigidTransform:

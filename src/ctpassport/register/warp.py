@@ -5,7 +5,8 @@ array axis order with their affine (voxel -> RAS+ mm), any orientation or obliqu
 Sampling matches ITK's resampler: a point is inside the moving image when its continuous voxel index lies in
 ``[-0.5, n - 0.5)`` on every axis; linear interpolation clamps neighbours at the edge; nearest neighbour rounds
 half up (``floor(i + 0.5)``); points outside get ``fill``. Label maps use nearest neighbour, so the output
-holds only label values of the input (plus ``fill`` = 0 outside).
+holds only label values of the input (plus ``fill`` = 0 outside; another ``fill`` must be an integer that the
+label map's dtype holds, never wrapped or rounded into a label value).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from ..io.nifti import Image3D
 from .transform import GridSpec, Transform
 
@@ -41,6 +43,7 @@ def resample(
     if fill is None:
         fill = 0 if labels else float(data.min()) if data.size else 0.0
     out_dtype = data.dtype if labels else np.float32
+    check_fill(fill, out_dtype)
     out = np.empty(reference.shape, dtype=out_dtype)
     n = np.asarray(data.shape[:3], dtype=np.float64)
     src = data if labels else data.astype(np.float32, copy=False)
@@ -60,6 +63,24 @@ def resample(
                 vals[inside] = map_coordinates(src, c, order=1, mode="nearest")
         out[i0:i1] = vals.reshape(i1 - i0, *reference.shape[1:])
     return out
+
+
+def check_fill(fill: float, dtype: Any) -> None:
+    """Raise :class:`ConfigError` unless ``fill`` is stored exactly in an output of ``dtype``.
+
+    ``fill`` must be finite; for an integer output (a label map) it must be a whole number within the dtype's
+    range: a cast would wrap (-1 -> 255 in uint8) or truncate (0.5 -> 0) it into a label value that the input
+    may not even hold.
+    """
+    dt = np.dtype(dtype)
+    value = float(fill)
+    if not np.isfinite(value):
+        raise ConfigError(f"--fill must be a finite number, not {fill!r}")
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        if value != round(value) or not info.min <= value <= info.max:
+            raise ConfigError(f"--fill {fill:g} is not a value of the {dt} label map: a label fill must be "
+                              f"a whole number from {info.min} to {info.max}")
 
 
 def grid_of(image: Any) -> GridSpec:

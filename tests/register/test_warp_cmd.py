@@ -1,0 +1,135 @@
+"""`ctpassport warp` on odd settings: label fills that would invent labels, label maps warped as images,
+output names and transform files checked before any work (one-line errors, nonzero exit, nothing written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ctpassport.cli import app
+from ctpassport.errors import ConfigError
+from ctpassport.register.api import register_points
+from ctpassport.register.transform import GridSpec, RigidTransform, Transform
+from ctpassport.register.warp import resample
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LPS-stored label map, a CT-like image on the same grid and a rigid registration folder
+    (a 3 mm shift) whose fixed grid is that grid."""
+    d = tmp_path_factory.mktemp("warp")
+    aff = np.diag([-4.0, -4.0, 5.0, 1.0])
+    aff[:3, 3] = [40.0, 30.0, -20.0]
+    labels = np.zeros((16, 14, 12), dtype=np.uint8)
+    labels[3:9, 4:10, 3:8] = 1
+    labels[9:14, 3:8, 5:10] = 5
+    nib.save(nib.Nifti1Image(labels, aff), d / "labels.nii.gz")
+    ct = np.where(labels > 0, 40, -1000).astype(np.int16) + np.arange(labels.size, dtype=np.int16).reshape(
+        labels.shape
+    ) % 7
+    nib.save(nib.Nifti1Image(ct, aff), d / "ct.nii.gz")
+    grid = GridSpec(labels.shape, aff)
+    fixed = grid.index_to_world(np.array([[2, 2, 2], [13, 3, 4], [4, 12, 3], [5, 6, 10], [12, 11, 9]], float))
+    res = register_points(fixed, fixed + [3.0, 0.0, 0.0], "rigid", grid=grid)
+    res.save(d / "reg")
+    return d
+
+
+def _one_line_error(args: list[str]) -> tuple[int, str]:
+    r = runner.invoke(app, args)
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code != 0 and len(lines) == 1 and lines[0].startswith("ctpassport: error:"), r.output
+    return r.exit_code, lines[0]
+
+
+@pytest.mark.parametrize("fill", ["-1", "300", "0.5", "nan"])
+def test_label_fill_that_the_label_type_cannot_hold_is_refused(case: Path, fill: str) -> None:
+    # uint8: -1 would wrap to 255 and 300 to 44 (a real class id), 0.5 would truncate to 0
+    out = case / f"w_{fill}.nii.gz"
+    code, line = _one_line_error(["warp", "-t", str(case / "reg"), "-i", str(case / "labels.nii.gz"),
+                                  "--labels", "--fill", fill, "-o", str(out), "-q"])
+    assert code == 5 and "--fill" in line
+    assert not out.exists()
+
+
+def test_label_fill_within_the_type_is_the_only_new_value(case: Path) -> None:
+    out = case / "w_fill7.nii.gz"
+    r = runner.invoke(app, ["warp", "-t", str(case / "reg"), "-i", str(case / "labels.nii.gz"), "--labels",
+                            "--fill", "7", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    data = np.asanyarray(nib.load(out).dataobj)
+    assert data.dtype == np.uint8 and set(np.unique(data).tolist()) == {0, 1, 5, 7}
+
+
+def test_resample_refuses_a_wrapping_label_fill() -> None:
+    labels = np.ones((3, 3, 3), dtype=np.uint8)
+    ident = Transform(RigidTransform.identity())
+    grid = GridSpec((4, 4, 4), np.eye(4))
+    with pytest.raises(ConfigError, match="whole number from 0 to 255"):
+        resample(labels, np.eye(4), ident, grid, labels=True, fill=-1)
+    out = resample(labels, np.eye(4), ident, grid, labels=True, fill=9)
+    assert set(np.unique(out).tolist()) == {1, 9}
+
+
+def test_label_map_warped_as_an_image_warns(case: Path) -> None:
+    out = case / "w_linear.nii.gz"
+    r = runner.invoke(app, ["warp", "-t", str(case / "reg"), "-i", str(case / "labels.nii.gz"),
+                            "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("ctpassport: warning:")]
+    assert len(warnings) == 1 and "labels.nii.gz" in warnings[0] and "--labels" in warnings[0]
+    # a CT (air at -1000 HU) is not suspected
+    r = runner.invoke(app, ["warp", "-t", str(case / "reg"), "-i", str(case / "ct.nii.gz"), "-o",
+                            str(case / "w_ct.nii.gz"), "-q"])
+    assert r.exit_code == 0 and r.stderr.strip() == "", r.output
+
+
+def test_image_output_name_is_checked_before_warping(case: Path) -> None:
+    out = case / "warped.png"
+    for transform in (case / "reg", case / "no_such_registration"):  # checked before the transform is read
+        code, line = _one_line_error(["warp", "-t", str(transform), "-i", str(case / "ct.nii.gz"),
+                                      "-o", str(out)])
+        assert code == 2 and "warped.png" in line and ".nii.gz" in line
+    assert not out.exists()
+
+
+def test_displacement_nifti_as_transform_is_named_clearly(case: Path) -> None:
+    field = case / "field.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 1, 3), np.float32), np.eye(4)), field)
+    out = case / "w_field.nii.gz"
+    code, line = _one_line_error(["warp", "-t", str(field), "-i", str(case / "ct.nii.gz"), "-o", str(out)])
+    assert code == 2 and "field.nii.gz" in line and "transform.h5" in line
+    assert not out.exists()
+
+
+def test_points_registered_without_a_reference_need_one_to_warp_an_image(case: Path, tmp_path: Path) -> None:
+    """Without --reference, a points registration's field covers only the landmarks' box (+30 mm, 3 mm): that box
+    is not the fixed image, so warping an image asks for --reference instead of writing a cropped 3 mm image;
+    points still map, and with --reference the image lands on the fixed grid voxel for voxel."""
+    from ctpassport.register.api import load_transform
+
+    img = nib.load(case / "labels.nii.gz")
+    grid = GridSpec(img.shape, img.affine)
+    fixed = grid.index_to_world(np.array([[2, 2, 2], [13, 3, 4], [4, 12, 3], [5, 6, 10], [12, 11, 9]], float))
+    res = register_points(fixed, fixed + [3.0, 0.0, 0.0], "rigid")
+    assert res.fixed_grid is None and res.summary["fixed_grid"] is None and res.grid is not None
+    with pytest.raises(Exception, match="no fixed image grid"):
+        res.warp_image(nib.load(case / "ct.nii.gz"))  # type: ignore[arg-type]
+    reg = res.save(tmp_path / "reg")
+    back = load_transform(reg)
+    assert back.fixed_grid is None and back.grid is not None and back.grid.same_as(res.grid)
+    out = tmp_path / "w.nii.gz"
+    code, line = _one_line_error(["warp", "-t", str(reg), "-i", str(case / "labels.nii.gz"), "--labels",
+                                  "-o", str(out), "-q"])
+    assert "--reference" in line and not out.exists()
+    ok = runner.invoke(app, ["warp", "-t", str(reg), "-i", str(case / "labels.nii.gz"), "--labels",
+                             "--reference", str(case / "labels.nii.gz"), "-o", str(out), "-q"])
+    assert ok.exit_code == 0, ok.output
+    warped = nib.load(out)
+    assert warped.shape == img.shape and np.allclose(warped.affine, img.affine)
