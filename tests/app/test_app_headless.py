@@ -455,10 +455,13 @@ def test_store_passports_register_without_images(app_tmp: Path) -> None:
     assert reg is not None and not reg.has_images and reg.tre is None and reg.residuals
     assert reg.fixed.name.startswith(p1.removeprefix("Store: ")[:12]) and "P2" in reg.moving.name
     assert any("residuals only" in i.value for i in at.info)
-    # one store record picked for both sides is refused too
+    # one store record picked for both sides is refused too; the earlier result stays, labelled as such
     at.selectbox(key="reg_fu").set_value(p1)
     at.button(key="reg_go").click().run()
     assert [e.value for e in at.error] == [same]
+    assert at.session_state["reg"] is reg
+    assert any(c.value.startswith("Shown below: the previous registration") and "P2" in c.value
+               for c in at.caption), [c.value for c in at.caption]
 
 
 def test_workspace_removed_at_session_end(app_tmp: Path) -> None:

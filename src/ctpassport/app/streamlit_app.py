@@ -581,6 +581,9 @@ def registration_tab(ss: Any, settings: dict[str, Any]) -> None:
             if study is not None and study.folder is not None:  # the follow-up uploaded for this failed run
                 ss.ws.remove(study.folder)
             report(exc, "Registration")
+            if ss.reg is not None:  # what stays on the page is not the pair just asked for: say so
+                st.caption(f"Shown below: the previous registration ({ss.reg.moving.name} → "
+                           f"{ss.reg.fixed.name}, {ss.reg.tier}), unchanged by this failed one.")
     reg = ss.reg
     if reg is None:
         return
