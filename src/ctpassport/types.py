@@ -28,13 +28,15 @@ Shape3D: TypeAlias = tuple[int, int, int]
 """Array shape of a 3-D volume, in array axis order."""
 
 Volume: TypeAlias = npt.NDArray[np.floating]
-"""A 3-D intensity volume (CT in Hounsfield units unless stated)."""
+"""A 3-D intensity volume in array axis order ``[i, j, k]`` (CT in Hounsfield units unless stated)."""
 
 LabelMap: TypeAlias = npt.NDArray[np.integer]
-"""A 3-D integer label map: 0 background, k > 0 the class id (TotalSegmentator ids for class k)."""
+"""A 3-D integer label map in array axis order ``[i, j, k]``: 0 background, k > 0 the class id
+(TotalSegmentator ids for class k)."""
 
 Points: TypeAlias = npt.NDArray[np.float64]
 """An (N, 3) array of world coordinates in mm (RAS+ unless stated)."""
 
 Logits: TypeAlias = npt.NDArray[np.floating]
-"""Network output (C, ...) with C = number of classes including background (channel k is class k)."""
+"""Network output (C, d0, d1, d2): channels first, spatial axes in nnU-Net order; C = number of classes
+including background (channel k is class k)."""

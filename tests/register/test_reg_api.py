@@ -197,3 +197,22 @@ def test_warp_defaults_to_the_fixed_images_grid_not_the_coarser_field_grid(tmp_p
     img = Image3D(data=np.zeros(fine.shape, np.int16), affine=fine.affine, header=None)  # type: ignore[arg-type]
     warped = back.warp_image(img, labels=True)
     assert warped.data.shape == fine.shape and np.allclose(warped.affine, fine.affine)
+
+
+def test_a_fine_sheared_grid_gets_a_coarse_field_grid() -> None:
+    """A gantry-tilted 0.8 mm CT: the field goes on an orthogonal grid covering it, coarsened to about 3 mm like
+    any fine grid (not a full-resolution field of several GB); 5 mm slices keep their spacing."""
+    from ctpassport.register.api import field_grid_for
+
+    aff = np.diag([-0.8, -0.8, 5.0, 1.0])
+    aff[2, 1] = 5.0 * np.tan(np.radians(20.0)) / 6.25  # z moves with j: a 20-degree-ish tilt
+    fine = GridSpec((512, 512, 60), aff)
+    assert fine.sheared
+    g = field_grid_for(fine)
+    assert not g.sheared
+    assert np.all(g.spacing[:2] > 2.25) and g.spacing[2] == pytest.approx(5.0, abs=0.3)
+    assert np.prod(g.shape) < np.prod(fine.shape) / 10
+    n = np.array(fine.shape) - 1
+    corners = fine.index_to_world(np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])],
+                                           dtype=float))
+    assert g.contains(corners).all()

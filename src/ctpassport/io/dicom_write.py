@@ -65,8 +65,9 @@ def _ds(value: float) -> str:
 
 
 def dicom_geometry(affine: Affine) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(ImageOrientationPatient (6,), PixelSpacing [row, column] mm, slice step vector (3,) LPS+ mm,
-    origin LPS+ mm) for an affine voxel -> RAS+ mm whose ``i``/``j`` axes span the image plane.
+    """(ImageOrientationPatient (6,): row then column direction cosine, LPS+; PixelSpacing [row, column] mm;
+    slice step vector (3,) LPS+ mm; origin LPS+ mm) for an affine voxel -> RAS+ mm whose ``i``/``j`` axes span
+    the image plane (``i`` along a row, ``j`` down a column).
 
     Raises :class:`InputError` for sheared affines that a DICOM stack cannot represent.
     """

@@ -62,7 +62,8 @@ def load_ct(path: str | Path, series_uid: str | None = None) -> Image3D:
 
 
 def label_map_suspicion(data: np.ndarray) -> str | None:
-    """Why ``data`` (an image meant as a CT in HU) looks like a label map or mask instead, or None.
+    """Why ``data`` (an image meant as a CT in HU, ``[i, j, k]`` with ``k`` the slice axis) looks like a label
+    map or mask instead, or None.
 
     A CT in HU has air near -1000 and thousands of distinct values; a label map holds a few small
     non-negative integers. Checked on every 4th voxel in-plane and every 2nd slice (cheap); a warning sign for

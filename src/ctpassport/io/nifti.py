@@ -42,6 +42,7 @@ class Image3D:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """Array shape (voxels) in storage order ``[i, j, k]``."""
         return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
 
     @property
@@ -149,7 +150,8 @@ def _squeeze_to_3d(data_shape: tuple[int, ...], path: Path | None) -> tuple[int,
 
 
 def validate_affine(affine: np.ndarray, path: Path | None = None) -> Affine:
-    """Check that an affine is finite and invertible with plausible voxel sizes; return it as float64."""
+    """Check that a 4x4 affine (voxel -> RAS+ mm) is finite and invertible with plausible voxel sizes
+    (:data:`MIN_SPACING_MM` to :data:`MAX_SPACING_MM` mm per array axis); return it as float64."""
     a = np.asarray(affine, dtype=np.float64)
     if a.shape != (4, 4) or not np.all(np.isfinite(a)):
         raise InputError("has a non-finite or malformed affine", path)
@@ -208,7 +210,8 @@ def read_image(path: str | Path, *, dtype: type | None = None, kind: str = "imag
 
 def make_nifti(data: np.ndarray, affine: Affine, header: nib.Nifti1Header | None = None,
                dtype: type | np.dtype | None = None) -> nib.Nifti1Image:
-    """Build a NIfTI-1 image with ``affine`` (voxel -> RAS+ mm) and optionally a copy of ``header``.
+    """Build a NIfTI-1 image of ``data`` (storage order ``[i, j, k]``) with ``affine`` (voxel -> RAS+ mm) and
+    optionally a copy of ``header``.
 
     With a header (e.g. the input's), its geometry codes, units and description are kept, the data type
     is set to ``dtype`` (default: the array's) and any intensity scaling is removed. When ``affine`` is the

@@ -33,6 +33,7 @@ class Reorientation:
 
     @property
     def is_identity(self) -> bool:
+        """True when the input is already closest-canonical RAS+ (no axis permutation or flip)."""
         return bool(np.array_equal(self.ornt, axcodes2ornt("RAS")))
 
     @property
@@ -42,7 +43,7 @@ class Reorientation:
 
     @property
     def canonical_shape(self) -> tuple[int, int, int]:
-        """Shape of the reoriented array."""
+        """Shape of the reoriented array (canonical axis order: along R, A, S)."""
         out = [0, 0, 0]
         for axis, (target, _flip) in enumerate(self.ornt):
             out[int(target)] = self.shape[axis]
@@ -68,7 +69,8 @@ def reorientation(affine: Affine, shape: tuple[int, ...]) -> Reorientation:
 
 
 def axcodes(affine: Affine) -> tuple[str, str, str]:
-    """Orientation codes of the array axes, e.g. ``('R', 'A', 'S')`` or ``('L', 'P', 'S')``."""
+    """Orientation codes of the array axes of ``affine`` (voxel -> RAS+ mm): the world direction in which each
+    index ``i, j, k`` increases, e.g. ``('R', 'A', 'S')`` or ``('L', 'P', 'S')``."""
     return tuple(aff2axcodes(affine))
 
 

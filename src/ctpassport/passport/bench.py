@@ -65,9 +65,10 @@ def _summary(times: tuple[list[float], list[float]]) -> dict[str, Any]:
 def naive_passport_moments(labels: np.ndarray, affine: np.ndarray, points: int = 500, seed: int = 0) -> dict:
     """The per-label reference: one full-volume scan per label (what the one-pass build avoids).
 
-    Per label: ``mask = labels == k`` over the whole volume, ``argwhere``, world coordinates (mm, RAS+),
-    centroid, ``np.cov``, a full-volume 6-neighbour erosion for the surface and ``points`` random surface
-    voxels. Returns ``{id: (centroid, covariance, n_points)}``.
+    ``labels[i, j, k]`` with ``affine`` (voxel -> RAS+ mm). Per label: ``mask = labels == k`` over the
+    whole volume, ``argwhere``, world coordinates (mm, RAS+), centroid, ``np.cov``, a full-volume 6-neighbour
+    erosion for the surface and ``points`` random surface voxels. Returns ``{id: (centroid (mm, RAS+),
+    covariance (mm^2), n_points)}``.
     """
     from scipy import ndimage
 

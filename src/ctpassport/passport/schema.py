@@ -18,8 +18,9 @@ Frames and units, stated once for every field below:
   ``points_per_organ`` of them, stratified over the surface (well spread, not clustered), a deterministic
   function of the label map, the label id and ``seed``; rounded to 0.001 mm;
 * ``boundary_normals`` are the **outward** unit surface normals at those points (same order, RAS+,
-  rounded to 0.001): at each point, minus the Gaussian-weighted sum (width: the mean voxel size) of the
-  world offsets to those of its 26 neighbouring voxels that belong to the organ (the image border replicates
+  rounded to 0.001): at each point, minus the Gaussian-weighted sum (width: the largest voxel size) of the
+  world offsets to those of its neighbouring voxels that belong to the organ, over a stencil reaching about
+  one largest voxel size along every axis (the 26 neighbours on isotropic grids; the image border replicates
   the edge voxels, like the surface test); where that sum vanishes (one-voxel-thin parts), the direction
   from the organ's centroid. Only when asked for (``--normals``: they make registration more accurate and the
   JSON about half as large again); null otherwise and in passports written before schema 1.2;
@@ -89,7 +90,9 @@ class Grid(BaseModel):
     """The voxel grid the passport was computed on.
 
     ``kind``: ``output`` = the label map's own grid (the input's, voxel for voxel); ``model`` = the
-    segmentation model's canonical 3 mm grid inside the pipeline (as the original study did).
+    segmentation model's canonical 3 mm grid inside the pipeline (as the original study did). ``shape``:
+    voxels in array axis order ``[i, j, k]``; ``spacing_mm``: voxel size (mm) per array axis; ``affine``: 4x4
+    voxel -> RAS+ world mm (rows); ``orientation``: axis codes of the array axes (e.g. ``R, A, S``).
     """
 
     model_config = _STRICT

@@ -78,7 +78,8 @@ def short_vertebra(name: str) -> str:
 
 
 def organ_color(label_id: int) -> tuple[float, float, float]:
-    """A fixed, well-separated RGB colour per label id (golden-ratio hues, alternating brightness)."""
+    """A fixed, well-separated RGB colour (components 0..1) per label id (golden-ratio hues, alternating
+    brightness)."""
     h = (label_id * 0.618033988749895) % 1.0
     s = 0.75 if label_id % 2 else 0.55
     v = 0.85 if (label_id // 2) % 2 else 0.65

@@ -240,7 +240,8 @@ def _anatomy() -> list[_Shape]:
 
 
 def torso_grid(shape: tuple[int, int, int]) -> Affine:
-    """RAS+ affine of a ``shape`` grid covering :data:`FOV_MM` (voxel centres inside the field of view)."""
+    """Voxel -> RAS+ mm affine of a ``shape`` grid (array axes along x, y, z; spacing = field-of-view extent /
+    ``shape`` per axis) covering :data:`FOV_MM` (voxel centres inside the field of view)."""
     aff = np.eye(4)
     for ax, (lo, hi) in enumerate(FOV_MM):
         sp = (hi - lo) / shape[ax]

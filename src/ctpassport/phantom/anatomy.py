@@ -55,8 +55,9 @@ VERTEBRA_NAMES = (["vertebrae_L5", "vertebrae_L4", "vertebrae_L3", "vertebrae_L2
 class Structure:
     """One painted solid. ``label`` 0 paints background tissue (clears labels) unless ``hu_only``.
 
-    ``within``: paint only voxels whose current label is one of these ids. ``analytic``: the label region of
-    ``label`` is exactly ``shape`` (nothing painted later overlaps it), so :meth:`Phantom.truth` holds.
+    ``hu``: the tissue value (HU); ``shape``: body frame, mm. ``within``: paint only voxels whose current
+    label is one of these ids. ``analytic``: the label region of ``label`` is exactly ``shape`` (nothing
+    painted later overlaps it), so :meth:`Phantom.truth` holds.
     """
 
     name: str

@@ -22,7 +22,8 @@ Array = np.ndarray
 
 
 def rotation_xyz(rx_deg: float = 0.0, ry_deg: float = 0.0, rz_deg: float = 0.0) -> Array:
-    """Rotation matrix ``Rz @ Ry @ Rx`` for angles (degrees) about the body x, y and z axes."""
+    """Rotation matrix ``Rz @ Ry @ Rx`` for angles (degrees) about the x, y and z axes (right-handed; the body
+    frame's for shapes, the world RAS+ axes for grid obliquity)."""
     ax, ay, az = (math.radians(a) for a in (rx_deg, ry_deg, rz_deg))
     rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
     ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
@@ -99,6 +100,7 @@ class Ellipsoid(Shape):
         return self.center + (u * (self.radii + inflate_mm)) @ self.rotation.T
 
     def inflated(self, mm: float) -> Ellipsoid:
+        """The same ellipsoid with every semi-axis grown by ``mm`` (mm)."""
         return Ellipsoid(self.center, self.radii + mm, self.rotation)
 
 
@@ -150,7 +152,8 @@ class CutEllipsoid(Shape):
         return self.ellipsoid.center + self.ellipsoid.axes @ (-m * dist)
 
     def surface_points(self, n: int = 1500, inflate_mm: float = 0.0) -> Array:
-        """Points on the boundary of the (inflated) cut ellipsoid: curved part plus the flat cut face."""
+        """Points (M, 3) on the boundary of the cut ellipsoid inflated by ``inflate_mm`` (mm, body frame):
+        curved part plus the flat cut face."""
         ell = self.ellipsoid.inflated(inflate_mm)
         curved = ell.surface_points(n)
         keep = curved @ self.normal <= self.offset + inflate_mm
@@ -223,6 +226,7 @@ class Swept(Shape):
         )
 
     def params(self, z: Array) -> tuple[Array, Array, Array, Array]:
+        """``(xc, yc, a, b)`` (mm) interpolated at heights ``z`` (mm, body frame)."""
         return tuple(np.interp(z, self.zs, v) for v in (self.xc, self.yc, self.a, self.b))
 
     def inside(self, x: Array, y: Array, z: Array) -> Array:

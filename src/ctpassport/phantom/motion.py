@@ -82,6 +82,7 @@ class TrueTransform:
 
     @property
     def R(self) -> np.ndarray:
+        """The 3x3 rotation (RAS+)."""
         return np.asarray(self.rotation, dtype=np.float64)
 
     def apply(self, points: np.ndarray) -> np.ndarray:
@@ -92,7 +93,8 @@ class TrueTransform:
         return q @ self.R.T + c + t
 
     def inverse(self, points: np.ndarray, *, tol_mm: float = 1e-6, max_iter: int = 60) -> np.ndarray:
-        """Follow-up (moving) world points (..., 3) -> baseline (fixed) world points (fixed-point iteration)."""
+        """Follow-up (moving) world points (..., 3) mm RAS+ -> baseline (fixed) world points (fixed-point
+        iteration until a step is below ``tol_mm``)."""
         q = np.asarray(points, dtype=np.float64)
         c, t = np.asarray(self.center), np.asarray(self.translation)
         zpt = (q - c - t) @ self.R + c  # = x + d(x)
@@ -106,7 +108,8 @@ class TrueTransform:
         return x
 
     def max_displacement(self) -> float:
-        """Upper bound (mm) of the deformation part's |d| (excludes the rigid part)."""
+        """Upper bound (mm) of the deformation part's |d| (excludes the rigid part) for points within 400 mm
+        of the chest's y_0 plane (:meth:`Deformation.max_displacement`)."""
         return self.deformation.max_displacement()
 
     def to_dict(self) -> dict[str, object]:

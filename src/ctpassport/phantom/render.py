@@ -94,7 +94,8 @@ def make_grid(corners_world: np.ndarray, spacing: float | tuple[float, ...] | st
 
 def default_grid(phantom: Phantom, spacing: float | tuple[float, ...] | str = 3.0, orientation: str = "RAS",
                  oblique_deg: tuple[float, float, float] = (0.0, 0.0, 0.0), margin_mm: float = 0.0) -> Grid:
-    """The phantom's default field of view (pelvis to above the lung apices, whole body width) on a new grid."""
+    """The phantom's default field of view (pelvis to above the lung apices, whole body width) on a new grid
+    (see :func:`make_grid`; ``margin_mm`` widens the field of view's corners outward by that many mm)."""
     corners = phantom.fov_world()
     if margin_mm:
         c = corners.mean(axis=0)
@@ -142,7 +143,8 @@ def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 def render_labels_and_hu(phantom: Phantom, grid: Grid, motion: TrueTransform | None = None,
                          body_points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Paint the phantom: returns (labels uint8, noiseless unblurred HU float32, body-frame coordinates (3, *shape)).
+    """Paint the phantom: returns (labels uint8, noiseless unblurred HU float32, body-frame coordinates (mm)
+    (3, *shape)), arrays in the grid's storage order.
 
     With ``motion``, voxel ``y`` shows the anatomy at ``motion.inverse(y)`` (a follow-up scan).
     """

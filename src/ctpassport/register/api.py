@@ -88,10 +88,11 @@ def _r(x: Any, nd: int = 6) -> Any:
 class RegistrationResult:
     """A fitted registration: :attr:`transform` (fixed -> moving, RAS+ mm) and its summary.
 
-    ``grid``: the fixed-space grid (voxel -> RAS+ mm) the displacement field is written on (the fixed grid,
-    downsampled to about 3 mm where finer). ``fixed_grid``: the fixed image's own grid, which images are
-    warped onto by default (None for points registered without the fixed image's grid: then images need a
-    reference grid). ``summary``: the JSON-ready report (``registration.json``).
+    ``grid``: the fixed-space grid (voxel -> RAS+ mm) the displacement field is written on (the fixed grid
+    through :func:`field_grid_for`; for points registered without a fixed grid, the points' bounding box).
+    ``fixed_grid``: the fixed image's own grid, which images are warped onto by default (None for points
+    registered without the fixed image's grid: then images need a reference grid). ``summary``: the
+    JSON-ready report (``registration.json``).
     """
 
     transform: Transform
@@ -126,7 +127,8 @@ class RegistrationResult:
         """Resample ``moving_img`` into the fixed space on ``reference_img``'s grid (default: the fixed image's).
 
         Linear interpolation for images (float32 out), nearest neighbour for ``labels`` (input dtype, no new
-        label values; 0 outside the moving image). See :mod:`ctpassport.register.warp`.
+        label values). ``fill``: value outside the moving image (default 0 for labels, the image minimum
+        otherwise). See :mod:`ctpassport.register.warp`.
         """
         ref = reference_img if reference_img is not None else self.fixed_grid
         if ref is None:
@@ -135,7 +137,8 @@ class RegistrationResult:
         return _warp_image(self.transform, moving_img, ref, labels=labels, fill=fill)
 
     def displacement(self, grid: GridSpec | None = None) -> np.ndarray:
-        """Total displacement ``T(x) - x`` (float32 ``(nx, ny, nz, 3)``, RAS+ mm) on ``grid`` (default: fixed)."""
+        """Total displacement ``T(x) - x`` on ``grid`` (default: :attr:`grid`, the field grid): float32
+        ``(*grid.shape, 3)``, array axes ``[i, j, k]`` then RAS+ x, y, z components (mm)."""
         g = grid if grid is not None else self.grid
         if g is None:
             raise InputError("no grid to evaluate the displacement on")
@@ -203,12 +206,14 @@ def _as_passport(p: Passport | str | Path) -> Passport:
 
 
 def field_grid_for(fixed_grid: GridSpec, max_spacing_mm: float = 3.0) -> GridSpec:
-    """The grid the displacement field is stored on: the fixed grid, downsampled (integer stride) where its
-    voxels are finer than ``max_spacing_mm`` (a 0.8 mm CT would otherwise need a field of several GB).
-    A sheared fixed grid (gantry tilt), which ITK images cannot hold, gets the nearest orthogonal grid
-    covering it instead (:meth:`GridSpec.orthogonal_cover`)."""
+    """The grid (voxel -> RAS+ mm) the displacement field is stored on: the fixed grid, unchanged when its
+    finest voxel size is at least 0.75 x ``max_spacing_mm``, else downsampled by an integer stride per axis
+    (``round(max_spacing_mm / spacing)``, at least 1) so that a 0.8 mm CT does not need a field of several GB.
+    A sheared fixed grid (gantry tilt), which ITK images cannot hold, is first replaced by the nearest
+    orthogonal grid covering it at the same spacing (:meth:`GridSpec.orthogonal_cover`), which then follows
+    the same rule."""
     if fixed_grid.sheared:
-        return fixed_grid.orthogonal_cover(max_spacing_mm)
+        fixed_grid = fixed_grid.orthogonal_cover()
     if float(np.min(fixed_grid.spacing)) >= max_spacing_mm * 0.75:
         return fixed_grid
     return CoarseGrid.of(fixed_grid, max_spacing_mm).grid

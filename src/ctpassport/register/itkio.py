@@ -12,7 +12,8 @@ Files:
   ``p`` maps to ``rigid(p + u(p))`` in the moving space: the pull-back transform that ``sitk.Resample`` and
   ``antsApplyTransforms -r fixed -i moving -t transform.h5`` expect.
 * ``displacement.nii.gz``: the *whole* transform (rigid included) as one displacement field on the fixed
-  grid, ``T(x) = x + D(x)``, in the ITK/ANTs convention: a 5-D NIfTI ``(nx, ny, nz, 1, 3)`` float32 with
+  grid, ``T(x) = x + D(x)``, in the ITK/ANTs convention: a 5-D NIfTI ``(nx, ny, nz, 1, 3)`` (the grid's array
+  axes ``[i, j, k]``, an empty time axis, the vector components) float32 with
   intent code 1007 ("vector", what ITK and ANTs write for their own fields) whose vector components are
   **LPS** mm (negate the first two components for RAS). Not intent 1006 ("displacement vector"): ITK 5.3+
   assumes RAS components for that code and converts them, older ITK/ANTs builds do not.
@@ -42,7 +43,8 @@ def _sitk() -> Any:
 
 
 def grid_direction_lps(grid: GridSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(origin, spacing, direction) of ``grid`` in ITK's LPS physical space.
+    """(origin (LPS+ mm), spacing (mm per array axis), direction (3x3, columns: the unit array axes in LPS+))
+    of ``grid`` in ITK's physical space, as ``SetOrigin``/``SetSpacing``/``SetDirection`` take them.
 
     Raises :class:`InputError` for sheared grids, which ITK images cannot represent.
     """
@@ -161,7 +163,8 @@ def _field_from_sitk(tx: Any, path: Path) -> DisplacementField:
 
 
 def write_itk_transform(transform: Transform, path: str | Path) -> Path:
-    """Write ``transform`` as an ITK composite transform file (``.h5`` HDF5, read by SimpleITK and ANTs)."""
+    """Write ``transform`` (RAS+ mm, fixed -> moving) as an ITK composite transform file in LPS (``.h5`` HDF5,
+    read by SimpleITK and ANTs)."""
     sitk = _sitk()
     p = Path(path)
     with atomic_path(p) as tmp:
@@ -224,7 +227,10 @@ def write_displacement_nifti(transform: Transform, grid: GridSpec, path: str | P
 
 
 def read_displacement_nifti(path: str | Path) -> tuple[np.ndarray, GridSpec]:
-    """Read a field written by :func:`write_displacement_nifti`: ``(D_ras (nx, ny, nz, 3) float32, grid)``."""
+    """Read a field written by :func:`write_displacement_nifti`: ``(D_ras, grid)``, ``D_ras`` float32
+    ``(*grid.shape, 3)`` (array axes ``[i, j, k]``, then RAS+ x, y, z components in mm), ``grid`` the file's
+    voxel -> RAS+ mm grid. Components are taken as LPS (ITK's convention) and negated in x and y, except for
+    intent 1006 ("displacement vector"), which the NIfTI standard defines in RAS."""
     from ..io.nifti import load_nifti, validate_affine
 
     p = Path(path)

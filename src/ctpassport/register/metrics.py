@@ -13,7 +13,8 @@ from .transform import GridSpec
 
 
 def tre_stats(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Target registration error ``|predicted - truth|`` (``(N, 3)`` mm each): mean, median, p95, max, n."""
+    """Target registration error ``|predicted - truth|`` (``(N, 3)`` world mm each, one frame for both): mean,
+    median, p95, max (mm), n."""
     d = np.linalg.norm(np.asarray(predicted, dtype=np.float64) - np.asarray(truth, dtype=np.float64), axis=1)
     if d.size == 0:
         return {"n": 0}
@@ -67,11 +68,12 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: Any) -> float:
 
 
 def jacobian_determinant(displacement: np.ndarray, grid: GridSpec) -> np.ndarray:
-    """Determinant of the Jacobian of ``x -> x + d(x)`` at every voxel of ``grid`` (float64 ``(nx, ny, nz)``).
+    """Determinant of the Jacobian of ``x -> x + d(x)`` at every voxel of ``grid`` (float64 ``grid.shape``).
 
-    ``displacement``: ``(nx, ny, nz, 3)`` RAS+ mm vectors on ``grid`` (an orthogonal grid: any rotation or
-    flip of the RAS axes). Derivatives are central differences (one-sided at the edges) along the array axes;
-    vectors are first expressed along the grid's unit axes so that domain and range share one frame.
+    ``displacement``: ``(*grid.shape, 3)`` RAS+ mm vectors (array axes ``[i, j, k]`` first) on ``grid`` (an
+    orthogonal grid: any rotation or flip of the RAS axes). Derivatives are central differences (one-sided at
+    the edges) along the array axes; vectors are first expressed along the grid's unit axes so that domain and
+    range share one frame.
     A rigid rotation applied after the field leaves the determinant unchanged.
     """
     d = np.asarray(displacement, dtype=np.float64)

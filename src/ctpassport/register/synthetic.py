@@ -32,12 +32,14 @@ def random_rigid(
 
 
 def bspline_displacement(grid: GridSpec, coefficients: np.ndarray, control_spacing_mm: float) -> np.ndarray:
-    """Evaluate a cubic B-spline displacement on ``grid`` (float32 ``(nx, ny, nz, 3)``, RAS+ mm vectors).
+    """Evaluate a cubic B-spline displacement on ``grid``: float32 ``(*grid.shape, 3)``, array axes
+    ``[i, j, k]`` then RAS+ x, y, z components (mm).
 
-    ``coefficients``: ``(cx, cy, cz, 3)`` control values on a lattice aligned with the grid's array axes,
-    spacing ``control_spacing_mm``, control point ``(1, 1, 1)`` at voxel ``(0, 0, 0)`` (one control point of
-    margin before the grid). Evaluated with ``scipy.ndimage.map_coordinates(order=3, prefilter=False)``,
-    i.e. the coefficients are used as B-spline coefficients.
+    ``coefficients``: ``(ci, cj, ck, 3)`` control values (RAS+ mm) on a lattice aligned with the grid's array
+    axes, spacing ``control_spacing_mm``, control point ``(1, 1, 1)`` at voxel ``(0, 0, 0)`` (one control
+    point of margin before the grid). Evaluated with
+    ``scipy.ndimage.map_coordinates(order=3, prefilter=False)``, i.e. the coefficients are used as B-spline
+    coefficients.
     """
     from scipy.ndimage import map_coordinates
 
@@ -54,7 +56,8 @@ def bspline_displacement(grid: GridSpec, coefficients: np.ndarray, control_spaci
 
 
 def control_lattice_shape(grid: GridSpec, control_spacing_mm: float) -> tuple[int, int, int]:
-    """Number of control points per axis covering ``grid`` (plus a margin of 1 before and 2 after)."""
+    """Number of control points per array axis of ``grid`` at ``control_spacing_mm`` (plus a margin of 1
+    before and 2 after)."""
     ext = (np.asarray(grid.shape) - 1) * grid.spacing
     return tuple(int(np.ceil(e / control_spacing_mm)) + 4 for e in ext)  # type: ignore[return-value]
 

@@ -94,10 +94,11 @@ class RigidTransform:
         return p @ self.rotation.T + self.translation
 
     def apply_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        """Rotate ``(..., 3)`` vectors (no translation)."""
+        """Rotate ``(..., 3)`` RAS+ vectors (no translation)."""
         return np.asarray(vectors) @ self.rotation.T
 
     def inverse(self) -> RigidTransform:
+        """The inverse motion (moving-space -> fixed-space RAS+ mm points)."""
         rt = self.rotation.T
         return RigidTransform(rt, -rt @ self.translation)
 
@@ -139,9 +140,10 @@ class GridSpec:
 
     def orthogonal_cover(self, max_spacing_mm: float | None = None) -> GridSpec:
         """An orthogonal grid covering this one: the voxel axes turned to the nearest orthonormal frame
-        (polar decomposition; a left-handed grid stays left-handed), spacing per axis this grid's (at most
-        ``max_spacing_mm``), extent covering every voxel of this grid. This grid itself when not sheared
-        and no coarsening is asked for."""
+        (polar decomposition; a left-handed grid stays left-handed), spacing per axis this grid's capped at
+        ``max_spacing_mm`` (a finer axis keeps its spacing; a coarser one is refined to ``max_spacing_mm``),
+        extent covering every voxel of this grid. This grid itself when not sheared and ``max_spacing_mm`` is
+        None."""
         if not self.sheared and max_spacing_mm is None:
             return self
         u, _, vt = np.linalg.svd(self.affine[:3, :3] / self.spacing)
@@ -159,6 +161,7 @@ class GridSpec:
         return GridSpec(shape, aff)  # type: ignore[arg-type]
 
     def same_as(self, other: GridSpec, tol: float = 1e-6) -> bool:
+        """Same shape and affine entries equal within ``tol`` (mm for the origin)."""
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=tol))
 
     def world_to_index(self, points: Points) -> np.ndarray:
@@ -167,6 +170,7 @@ class GridSpec:
         return np.asarray(points) @ inv[:3, :3].T + inv[:3, 3]
 
     def index_to_world(self, index: np.ndarray) -> Points:
+        """RAS+ mm of ``(N, 3)`` continuous voxel indices ``[i, j, k]``."""
         return np.asarray(index, dtype=np.float64) @ self.affine[:3, :3].T + self.affine[:3, 3]
 
     def slab_world(self, i0: int, i1: int) -> Points:
@@ -188,12 +192,14 @@ class GridSpec:
         return max(1, max_points // max(1, self.shape[1] * self.shape[2]))
 
     def contains(self, points: Points, margin_vox: float = 0.0) -> np.ndarray:
-        """Boolean mask: points whose continuous index lies within ``[-0.5 + m, n - 0.5 - m]`` on every axis."""
+        """Boolean mask of ``(N, 3)`` RAS+ mm points whose continuous index lies within
+        ``[-0.5 + m, n - 0.5 - m]`` on every axis (``m`` = ``margin_vox``, in voxels)."""
         idx = self.world_to_index(points)
         n = np.asarray(self.shape, dtype=np.float64)
         return np.all((idx >= -0.5 + margin_vox) & (idx <= n - 0.5 - margin_vox), axis=1)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"shape": [i, j, k sizes], "affine_ras": 4x4 voxel -> RAS+ mm}`` (JSON-ready)."""
         return {"shape": list(self.shape), "affine_ras": np.round(self.affine, 9).tolist()}
 
     @classmethod
@@ -204,7 +210,8 @@ class GridSpec:
 def bounding_grid(
     points: Points, spacing_mm: float = 3.0, margin_mm: float = 30.0, max_voxels: int = 4_000_000
 ) -> GridSpec:
-    """An axis-aligned RAS+ grid covering ``points`` plus ``margin_mm`` (spacing grown if it would be huge)."""
+    """An axis-aligned RAS+ grid (array axes along +x, +y, +z; isotropic ``spacing_mm``) covering ``points``
+    (RAS+ mm) plus ``margin_mm``; the spacing grows by 1.25x until the grid has at most ``max_voxels``."""
     p = as_points(points)
     lo = p.min(axis=0) - margin_mm
     hi = p.max(axis=0) + margin_mm
@@ -221,7 +228,8 @@ def bounding_grid(
 
 @dataclass
 class DisplacementField:
-    """Residual displacement ``u`` (RAS+ mm vectors, float32 ``(nx, ny, nz, 3)``) on ``grid`` (fixed space).
+    """Residual displacement ``u`` on ``grid`` (fixed space): float32 ``(*grid.shape, 3)``, the grid's array
+    axes ``[i, j, k]`` then the RAS+ x, y, z components (mm).
 
     Interpolation follows ITK's ``DisplacementFieldTransform`` with a linear interpolator: zero outside the
     grid's half-voxel-extended box, trilinear with edge clamping inside.
@@ -278,7 +286,8 @@ class Transform:
         return self.rigid.apply(x)
 
     def displacement_on(self, grid: GridSpec) -> np.ndarray:
-        """Total displacement ``T(x) - x`` at every voxel of ``grid``: float32 ``(nx, ny, nz, 3)``, RAS+ mm."""
+        """Total displacement ``T(x) - x`` at every voxel of ``grid``: float32 ``(*grid.shape, 3)`` (array
+        axes ``[i, j, k]``, then RAS+ x, y, z components in mm)."""
         out = np.empty((*grid.shape, 3), dtype=np.float32)
         step = grid.slab_size()
         for i0 in range(0, grid.shape[0], step):

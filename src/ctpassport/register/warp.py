@@ -33,8 +33,8 @@ def resample(
 
     ``moving``: 3-D array in storage order ``[i, j, k]`` with ``moving_affine`` (voxel -> RAS+ mm).
     ``labels``: nearest neighbour and the input dtype (labels kept exactly); otherwise trilinear, float32.
-    ``fill``: value outside the moving image (default 0 for labels, the image minimum otherwise).
-    Returns an array of ``reference.shape``.
+    ``fill``: value outside the moving image, in the image's units (default 0 for labels, the image minimum
+    otherwise). Returns an array of ``reference.shape`` (the reference grid's array order).
     """
     from scipy.ndimage import map_coordinates
 
@@ -84,7 +84,8 @@ def check_fill(fill: float, dtype: Any) -> None:
 
 
 def grid_of(image: Any) -> GridSpec:
-    """The :class:`GridSpec` of an :class:`Image3D`, a nibabel image or a GridSpec."""
+    """The :class:`GridSpec` (shape ``[i, j, k]``, affine voxel -> RAS+ mm) of an :class:`Image3D`, a nibabel
+    image or a GridSpec."""
     if isinstance(image, GridSpec):
         return image
     return GridSpec(tuple(int(s) for s in image.shape[:3]), np.asarray(image.affine, dtype=np.float64))  # type: ignore[arg-type]

@@ -39,7 +39,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class Backend(Protocol):
-    """What the sliding window needs from an inference engine."""
+    """What the sliding window needs from an inference engine: float32 ``(N, 1, d0, d1, d2)`` -> float32
+    logits ``(N, C, d0, d1, d2)``, nnU-Net axis order."""
 
     name: str
 

@@ -160,6 +160,7 @@ class TorchBackend:
                              resample=lambda data, zoom: resample_linear(data, zoom, self.device))
 
     def zoom_labels(self, labels: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
+        """:func:`zoom_labels_torch` on this backend's device (same axis order in and out)."""
         return zoom_labels_torch(labels, target_shape, self.device)
 
     def sliding_window_labels(self, data: np.ndarray, patch: tuple[int, ...], num_classes: int, *,

@@ -70,8 +70,10 @@ class Timings:
 class SegmentationResult:
     """Labels on the input's grid plus the model-grid intermediates other stages reuse.
 
-    ``labels``: uint8, input storage order and shape, TotalSegmentator class ids. ``model_labels`` /
-    ``model_ct`` / ``model_affine``: the 3 mm canonical (RAS+) grid on which the network ran.
+    ``labels``: uint8, input storage order and shape, TotalSegmentator class ids; ``affine``: the input's
+    voxel -> RAS+ mm. ``model_labels`` / ``model_ct`` (HU) / ``model_affine`` (voxel -> RAS+ mm): the 3 mm
+    canonical (RAS+) grid on which the network ran, nibabel axis order. ``logits`` (when kept): ``(C, d0, d1,
+    d2)`` in nnU-Net axis order on the network's cropped grid.
     """
 
     labels: np.ndarray
@@ -247,7 +249,8 @@ def write_segmentation(labels: np.ndarray, affine: Affine, header: Any, out: Pat
                        *, ml: bool) -> None:
     """Write labels like TotalSegmentator: a multilabel file with label table, or a folder of masks.
 
-    The input's header is copied (geometry, units, codes) with the data type set to uint8.
+    ``labels``: the input's storage order and shape, with its ``affine`` (voxel -> RAS+ mm). The input's
+    header is copied (geometry, units, codes) with the data type set to uint8.
     """
     from ..io.labels import add_label_table
 

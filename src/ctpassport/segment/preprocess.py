@@ -45,7 +45,8 @@ class NetworkInput:
 
 
 def header_zooms(affine: Affine) -> np.ndarray:
-    """Voxel sizes as a freshly made NIfTI header stores them (float32 column norms of the affine)."""
+    """Voxel sizes (mm per array axis) as a freshly made NIfTI header stores them (float32 column norms of the
+    affine)."""
     return spacing_from_affine(affine).astype(np.float32)
 
 
@@ -134,7 +135,8 @@ def nonzero_bbox(data: np.ndarray) -> tuple[tuple[int, int], ...]:
 
 
 def normalize(data: np.ndarray, model: ModelFolder) -> np.ndarray:
-    """nnU-Net's normalisation of a float32 array, in place where possible (float32 arithmetic)."""
+    """nnU-Net's normalisation of a float32 array (CT in HU for ``CTNormalization``; any axis order), in place
+    where possible (float32 arithmetic)."""
     img = data.astype(np.float32, copy=False)
     props = model.intensity_properties
     if model.normalization == "CTNormalization":

@@ -28,7 +28,9 @@ def basic_statistics(labels: np.ndarray, ct: np.ndarray, affine: Affine, classes
                      exclude_masks_at_border: bool = True) -> dict[str, dict[str, float]]:
     """``{class_name: {"volume": mm3, "intensity": mean HU}}`` for every class in ``classes``.
 
-    ``labels`` and ``ct`` share one grid (any axis order); ``affine`` gives the voxel volume.
+    ``labels`` and ``ct`` (HU, cast to int16 like TotalSegmentator) share one grid (any axis order);
+    ``affine`` (voxel -> RAS+ mm) gives the voxel volume as the product of its float32 voxel sizes (as
+    TotalSegmentator; not ``|det|``, so a sheared grid's volume is overstated).
     """
     vox = float(np.prod(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)).astype(np.float32)))
     flat = labels.ravel().astype(np.intp)
