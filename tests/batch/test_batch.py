@@ -337,6 +337,28 @@ def test_a_second_batch_into_a_running_batchs_folder_is_refused(batch_in: Path, 
     assert not partial.exists()  # the lock is free: this batch cleans what the other left
 
 
+@pytest.mark.parametrize(("err", "refused"), [("EWOULDBLOCK", True), ("ENOLCK", False), ("EOPNOTSUPP", False)])
+def test_output_lock_on_file_systems_without_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: str,
+                                                   refused: bool) -> None:
+    """Only a lock held elsewhere refuses the batch; a file system that cannot lock (some network shares)
+    runs it unlocked rather than blaming another batch."""
+    import errno
+    import fcntl
+
+    def flock(fd: int, op: int) -> None:
+        raise OSError(getattr(errno, err), err)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    ran = []
+    if refused:
+        with pytest.raises(OutputError, match="another ctpassport batch"), output_lock(tmp_path):
+            ran.append(1)
+    else:
+        with output_lock(tmp_path):
+            ran.append(1)
+    assert ran == ([] if refused else [1])
+
+
 def test_batch_output_kinds_and_demo_model(batch_in: Path, tmp_path: Path) -> None:
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")

@@ -6,6 +6,7 @@ process, on a local process pool, or on a Dask distributed cluster, and keep ``b
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -121,11 +122,14 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         return
     fd = os.open(out_dir, os.O_RDONLY)
     try:
+        busy = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:  # other errors: a file system without locks (some network shares): run unlocked
+            busy = exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
+        if busy:
             raise OutputError("is being written by another ctpassport batch", out_dir,
-                              "wait for it to finish, or choose another OUT_DIR") from None
+                              "wait for it to finish, or choose another OUT_DIR")
         yield
     finally:
         os.close(fd)
