@@ -96,8 +96,8 @@ def test_heldout_phantom_figures_are_the_stated_ones(heldout_large: dict[str, fl
 
 
 def test_heldout_phantom_large_organs_issue_bar(heldout_large: dict[str, float]) -> None:
-    """Issue 6's bar on held-out seed 0 (met since the head-bias calibration; on seed 1 the card states 15 of the
-    18 organ/phantom pairs: spleen, stomach and bladder stay below 0.9 there)."""
+    """Issue 6's bar on held-out seed 0 (met since the head-bias calibration; over held-out seeds 0-5 the card
+    states 39 of the 54 organ/phantom pairs: spleen, kidneys, stomach and bladder stay below 0.9 on some)."""
     low = {k: round(v, 3) for k, v in heldout_large.items() if v < LARGE_ORGAN_DICE}
     assert not low, f"large organs below Dice {LARGE_ORGAN_DICE} on held-out phantom {HELDOUT_SEED}: {low}"
 
@@ -587,3 +587,28 @@ def test_a_stage_without_steps_needs_calibration_and_weights(tmp_path: Path) -> 
     with pytest.raises(InputError, match="unknown classes: splen"):
         train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(calibrate=True, calibrate_classes=("splen",)),
                    work_dir=tmp_path / "w")
+
+
+def test_a_further_stage_keeps_the_normalisation_of_its_starting_weights(ct_dir: Path, tmp_path: Path) -> None:
+    """The network's input normalisation is part of the model: a stage started from trained weights normalises
+    its data with their plans' intensity properties (not its own sample's), with the same random stream
+    otherwise; a starting folder without them is refused."""
+    pytest.importorskip("torch")
+    from ctpassport.errors import ModelError
+    from ctpassport.model.train import TrainConfig, prepare_data, train_demo
+
+    cfg = TrainConfig(n_phantoms=1, extra_spacings=())
+    own_samples, own = prepare_data(cfg, ct_dir, lambda m: None)
+    given = {**own, "mean": own["mean"] + 40.0, "std": own["std"] * 1.1}
+    samples, props = prepare_data(cfg, ct_dir, lambda m: None, given)
+    assert props == given
+    for a, b in zip(own_samples, samples):
+        assert a.name == b.name and all(np.array_equal(a.class_voxels[k], b.class_voxels[k]) for k in a.class_voxels)
+        hu_a = a.image * own["std"] + own["mean"]
+        hu_b = b.image * given["std"] + given["mean"]
+        np.testing.assert_allclose(hu_b, hu_a, atol=0.05)  # same HU, another normalisation
+        assert not np.allclose(a.image, b.image)
+    (tmp_path / "init").mkdir()
+    with pytest.raises(ModelError, match="intensity properties"):
+        train_demo(tmp_path / "m", ct_dir=ct_dir, work_dir=tmp_path / "w",
+                   cfg=TrainConfig(steps=0, calibrate=True, init_from=str(tmp_path / "init")))

@@ -189,8 +189,11 @@ def _class_voxels(labels: np.ndarray, mask: np.ndarray | None, rng: np.random.Ge
     return out
 
 
-def prepare_data(cfg: TrainConfig, ct_dir: Path, log: Callable[[str], None]) -> tuple[list[Sample], dict[str, float]]:
-    """Render/load every training volume, compute the intensity properties, normalise. Returns samples + props."""
+def prepare_data(cfg: TrainConfig, ct_dir: Path, log: Callable[[str], None],
+                 intensity: dict[str, float] | None = None) -> tuple[list[Sample], dict[str, float]]:
+    """Render/load every training volume, compute the intensity properties (HU of labelled voxels), normalise.
+    Returns samples + props. ``intensity``: normalise with these properties instead (those of the weights a
+    further stage starts from: the network's input normalisation is part of the model)."""
     from ..segment.preprocess import nonzero_bbox
 
     raw: list[tuple[str, str, Any, np.ndarray, np.ndarray | None]] = []
@@ -219,7 +222,9 @@ def prepare_data(cfg: TrainConfig, ct_dir: Path, log: Callable[[str], None]) -> 
         sel = r_lab > 0 if r_mask is None else (r_lab > 0) & r_mask
         vals = np.asarray(r_img.data)[sel].astype(np.float32)
         fg.append(vals if len(vals) <= 10000 else vals[rng.choice(len(vals), 10000, replace=False)])
-    props = intensity_properties(np.concatenate(fg))
+    props = intensity_properties(np.concatenate(fg))  # sampled even when given: the same random stream after
+    if intensity is not None:
+        props = {k: float(v) for k, v in intensity.items()}
     lo, hi, mean, std = props["percentile_00_5"], props["percentile_99_5"], props["mean"], props["std"]
     samples = []
     for name, source, r_img, r_lab, r_mask in raw:
@@ -432,7 +437,16 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
                          f"--steps {cfg.steps} must not be negative")
     work.mkdir(parents=True, exist_ok=True)  # after the checks: a refused recipe leaves nothing behind
     t_start = time.perf_counter()
-    samples, props, t_made = _cached_data(cfg, Path(ct_dir), work, log)
+    inherited = None
+    if cfg.init_from:  # a further stage keeps the normalisation its starting weights were trained with
+        init_plans = Path(cfg.init_from) / "plans.json"
+        try:
+            inherited = json.loads(init_plans.read_text(encoding="utf-8"))[
+                "foreground_intensity_properties_per_channel"]["0"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ModelError("has no intensity properties (foreground_intensity_properties_per_channel) to keep",
+                             init_plans) from None
+    samples, props, t_made = _cached_data(cfg, Path(ct_dir), work, log, inherited)
     t_data = time.perf_counter() - t_start if t_made is None else t_made
     plans = demo_plans(props)
     dataset = make_dataset_json()
@@ -907,8 +921,8 @@ def _timed_cache(path: Path, what: str, log: Callable[[str], None], make: Callab
     return value, seconds, True
 
 
-def _cached_data(cfg: TrainConfig, ct_dir: Path, work: Path, log: Callable[[str], None]
-                 ) -> tuple[list[Sample], dict[str, float], float | None]:
+def _cached_data(cfg: TrainConfig, ct_dir: Path, work: Path, log: Callable[[str], None],
+                 intensity: dict[str, float] | None = None) -> tuple[list[Sample], dict[str, float], float | None]:
     """:func:`prepare_data`, cached in the work folder (keyed by everything that determines the data); also the
     seconds the data took to make (None when unknown)."""
     import hashlib
@@ -917,14 +931,15 @@ def _cached_data(cfg: TrainConfig, ct_dir: Path, work: Path, log: Callable[[str]
     from ..phantom import ANATOMY_VERSION
 
     key = json.dumps({"anatomy": ANATOMY_VERSION, "n": cfg.n_phantoms, "seed0": cfg.phantom_seed0,
-                      "spacings": list(cfg.extra_spacings), "seed": cfg.seed, "ct_dir": str(ct_dir.resolve())})
+                      "spacings": list(cfg.extra_spacings), "seed": cfg.seed, "ct_dir": str(ct_dir.resolve()),
+                      **({"intensity": intensity} if intensity is not None else {})}, sort_keys=True)
 
     def load(path: Path) -> Any:
         with open(path, "rb") as fh:
             return pickle.load(fh)
 
     data, seconds, _ = _timed_cache(work / f"data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl",
-                                    "training data", log, lambda: prepare_data(cfg, ct_dir, log), load,
+                                    "training data", log, lambda: prepare_data(cfg, ct_dir, log, intensity), load,
                                     lambda value, fh: pickle.dump(value, fh, protocol=4))
     return data[0], data[1], seconds
 
@@ -972,9 +987,9 @@ def grouped_dice(pred: np.ndarray, ref: np.ndarray, names: dict[str, tuple[str, 
     return out
 
 
-def evaluate_demo(model_dir: str | Path, *, ct_dir: str | Path, phantom_seeds: tuple[int, ...] = (0, 1),
-                  train_seed: int = 1000, cache_dir: str | Path | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_demo(model_dir: str | Path, *, ct_dir: str | Path,
+                  phantom_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5), train_seed: int = 1000,
+                  cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Dice per class of the model (run by ctpassport's ONNX :class:`~ctpassport.segment.pipeline.Segmenter`) on:
     held-out phantom seeds, one training phantom, ``example_ct_sm`` vs ``example_seg_fast`` and the same
     slices inside the full ``example_ct``. Returns ``{source: {"mean_dice", "per_class", "large_organs"}}``."""
@@ -1060,6 +1075,15 @@ def _mine_text(seconds: dict[str, float]) -> str:
     return f" hard-example mining {seconds['mine'] / 60:.1f} min," if "mine" in seconds else ""
 
 
+def _normalisation_text(props: dict[str, float], inherited: bool) -> str:
+    """The card's line on the network's input normalisation (nnU-Net's CT scheme, plans.json)."""
+    return (f"* Input normalisation (nnU-Net CT, `plans.json`): HU clipped to [{props['percentile_00_5']:g},"
+            f" {props['percentile_99_5']:g}] (0.5 / 99.5 percentiles of labelled voxels), minus {props['mean']:.1f},"
+            f" over {props['std']:.1f}; "
+            + ("kept from the weights this stage started from." if inherited else
+               "measured on this stage's training data."))
+
+
 def _calibration_text(cal: dict[str, Any], steps: int) -> str:
     shifts = ", ".join(f"{n} {v:+g}" for n, v in sorted(cal["shifts"].items(), key=lambda kv: -abs(kv[1])))
     return (f"* Head-bias calibration{' after the steps' if steps else ''}: the output layer's bias of background and"
@@ -1138,6 +1162,7 @@ def write_model_card(model_dir: str | Path, evaluation: dict[str, Any]) -> Path:
          f"* No optimiser steps in this stage: the earlier stage's weights, calibrated (next line); {train['threads']}"
          f" CPU threads, torch {train['torch']}."),
         *([_calibration_text(train["calibration"], cfg["steps"])] if train.get("calibration") else []),
+        _normalisation_text(train["intensity"], bool(cfg.get("init_from"))),
         (f"* Time: data {train['seconds']['data'] / 60:.1f} min,{_mine_text(train['seconds'])} training"
          f" {train['seconds']['train'] / 60:.1f} min"
          f"{', calibration ' + format(train['seconds']['calibrate'] / 60, '.1f') + ' min' if 'calibrate' in train['seconds'] else ''}"
