@@ -357,18 +357,9 @@ def model_info_cmd(
     """Show the model folder that would be used and its key facts (JSON)."""
     import json
 
-    from .errors import ModelError
     from .model.folder import load_model_folder, locate_model
 
-    try:
-        found = locate_model(model)
-    except ModelError as exc:  # its hint names `--model`, which this command spells as its MODEL argument
-        if not exc.hint or "--model" not in exc.hint:
-            raise
-        hint = exc.hint.replace("pass --model PATH", "name the model: `ctpassport model info PATH`").replace(
-            "`--model demo` runs", "`ctpassport model info demo` shows")
-        raise ModelError(exc.problem, exc.path, hint) from None
-    m = load_model_folder(found)
+    m = load_model_folder(locate_model(model, usage="ctpassport model info"))  # a MODEL argument, no --model
     typer.echo(json.dumps({
         "path": str(m.path), "model_id": m.model_id, "network": m.architecture.short_name,
         "features_per_stage": list(m.architecture.features_per_stage), "patch_size_nnunet": list(m.patch_size),
@@ -582,13 +573,14 @@ def warp_cmd(
     """Apply a registration: warp a moving image/labels into the fixed space, or map fixed points to moving."""
     from .errors import InputError
     from .io.atomic import check_writable
+    from .io.load import is_nifti_name, label_map_suspicion
     from .register.api import load_transform
 
     if (input is None) == (points is None):
         raise InputError("give either -i (an image or label map to warp) or --points (a CSV to map)")
     if input is not None and not output.name.endswith((".nii", ".nii.gz")):
         raise InputError("the warped image is NIfTI: its name must end with .nii or .nii.gz", output)
-    if transform.is_file() and transform.name.endswith((".nii", ".nii.gz")):
+    if transform.is_file() and is_nifti_name(transform):
         raise InputError("is a NIfTI file; warp reads a registration folder or its ITK transform "
                          "(transform.h5)", transform)
     check_writable(output, force)
@@ -602,7 +594,6 @@ def warp_cmd(
         return
     import numpy as np
 
-    from .io.load import label_map_suspicion
     from .io.nifti import make_nifti, read_image, save_nifti
 
     assert input is not None

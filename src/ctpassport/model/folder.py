@@ -247,9 +247,7 @@ def load_model_folder(path: str | Path, *, check_checkpoint: bool = True) -> Mod
     if len(norms) != 1 or norms[0] not in SUPPORTED_NORMALIZATION:
         raise ModelError(f"unsupported normalization {norms!r}", plans_path,
                          "ctpassport runs single-channel CT models")
-    props_all = plans.get("foreground_intensity_properties_per_channel",
-                          plans.get("foreground_intensity_properties_by_modality", {}))
-    props: Any = props_all.get("0", props_all.get(0, {})) if isinstance(props_all, dict) else {}  # JSON value
+    props = plans_intensity(plans)
     if not isinstance(props, dict):
         raise ModelError(f"plans.json's intensity properties of channel 0 are {type(props).__name__}, not an object",
                          plans_path)
@@ -336,14 +334,25 @@ def is_demo_alias(path: str | Path | None) -> bool:
     return path is not None and str(path) == "demo" and not Path(path).exists()
 
 
-def locate_model(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Path:
+def plans_intensity(plans: dict[str, Any]) -> Any:
+    """The CT intensity properties (HU: mean, std, percentiles of labelled voxels) of input channel 0 in a
+    parsed ``plans.json`` (nnU-Net v2's ``foreground_intensity_properties_per_channel``, v1's ``..._by_modality``),
+    as stored: a JSON value, ``{}`` when absent."""
+    props_all = plans.get("foreground_intensity_properties_per_channel",
+                          plans.get("foreground_intensity_properties_by_modality", {}))
+    return props_all.get("0", props_all.get(0, {})) if isinstance(props_all, dict) else {}
+
+
+def locate_model(path: str | Path | None = None, environ: dict[str, str] | None = None, *,
+                 usage: str = "--model") -> Path:
     """Find the fast model's trainer folder.
 
     ``path`` may be the trainer folder itself (or its ``fold_0`` folder or ``fold_0/checkpoint_final.pth``), a
     TotalSegmentator home dir (or its ``nnunet`` folder), an nnU-Net ``results`` folder or the ``Dataset297_*``
     folder; without it ``$TOTALSEG_WEIGHTS_PATH``, ``$TOTALSEG_HOME_DIR`` and
     ``~/.totalsegmentator`` are searched, like TotalSegmentator does. ``"demo"`` (when no such file or
-    folder exists) names the embedded demo model, which does not generalise to real patients.
+    folder exists) names the embedded demo model, which does not generalise to real patients. ``usage``: how
+    the caller takes a model (``--model`` for most commands), named in the hint when none is found.
     """
     if is_demo_alias(path):
         from .demo import demo_model_dir
@@ -377,7 +386,7 @@ def locate_model(path: str | Path | None = None, environ: dict[str, str] | None 
             return found
     raise ModelError(
         f"no TotalSegmentator fast-model weights found (looked in {', '.join(str(d) for d in looked)})",
-        hint="install TotalSegmentator's weights, pass --model PATH, or make stand-ins with "
+        hint=f"install TotalSegmentator's weights, pass `{usage} PATH`, or make stand-ins with "
              "`ctpassport model standin -o HOME` and set TOTALSEG_HOME_DIR=HOME; "
-             "`--model demo` runs the embedded demo model, which only knows the project's phantoms",
+             f"`{usage} demo` picks the embedded demo model, which only knows the project's phantoms",
     )

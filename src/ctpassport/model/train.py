@@ -439,13 +439,16 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     t_start = time.perf_counter()
     inherited = None
     if cfg.init_from:  # a further stage keeps the normalisation its starting weights were trained with
+        from .folder import plans_intensity
+
         init_plans = Path(cfg.init_from) / "plans.json"
         try:
-            inherited = json.loads(init_plans.read_text(encoding="utf-8"))[
-                "foreground_intensity_properties_per_channel"]["0"]
-        except (OSError, ValueError, KeyError, TypeError):
+            inherited = plans_intensity(json.loads(init_plans.read_text(encoding="utf-8")))
+        except (OSError, ValueError, AttributeError):
+            inherited = None
+        if not isinstance(inherited, dict) or not {"mean", "std"} <= inherited.keys():
             raise ModelError("has no intensity properties (foreground_intensity_properties_per_channel) to keep",
-                             init_plans) from None
+                             init_plans)
     samples, props, t_made = _cached_data(cfg, Path(ct_dir), work, log, inherited)
     t_data = time.perf_counter() - t_start if t_made is None else t_made
     plans = demo_plans(props)

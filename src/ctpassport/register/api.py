@@ -167,8 +167,7 @@ class RegistrationResult:
 
 
 def _summary_base(tier: str, method: str | None, grid: GridSpec | None,
-                  fixed_grid: GridSpec | None = None) -> dict[str, Any]:
-    fixed = fixed_grid or grid
+                  fixed_grid: GridSpec | None) -> dict[str, Any]:
     return {
         "kind": "ctpassport-registration",
         "ctpassport_version": __version__,
@@ -177,7 +176,7 @@ def _summary_base(tier: str, method: str | None, grid: GridSpec | None,
         "method": method,
         "convention": CONVENTION,
         # the fixed image's grid (warps land on it) and the displacement field's (the former, coarsened to ~3 mm)
-        "fixed_grid": fixed.to_dict() if fixed is not None else None,
+        "fixed_grid": fixed_grid.to_dict() if fixed_grid is not None else None,
         "field_grid": grid.to_dict() if grid is not None else None,
     }
 
@@ -343,9 +342,8 @@ def register_points(
     rfit = fit_rigid_points(f, m, names=names)
     t_rigid = time.perf_counter() - t0
     g = field_grid_for(grid) if grid is not None else bounding_grid(f)
-    summary = _summary_base(tier, "kabsch" if tier == "rigid" else method, g, grid)
     # without ``grid`` the field's box around the landmarks is not the fixed image: images need a reference
-    summary["fixed_grid"] = grid.to_dict() if grid is not None else None
+    summary = _summary_base(tier, "kabsch" if tier == "rigid" else method, g, grid)
     summary["points"] = len(f)
     summary["rigid"] = _rigid_summary(rfit)
     timings = {"rigid": t_rigid}
