@@ -51,6 +51,32 @@ def test_help_lists_commands() -> None:
         assert cmd in res.stdout
 
 
+def test_readme_lists_every_exit_code() -> None:
+    """Each exit code the CLI can give (the error classes' codes and the ones handle_errors sets) is explained in
+    the README's list, so a script's author can rely on it."""
+    import importlib
+    import inspect
+    import re
+
+    from ctpassport.errors import CTPassportError
+
+    for mod in ("ctpassport.errors", "ctpassport.store.db", "ctpassport.fetch", "ctpassport.batch.runner",
+                "ctpassport.bench.runner"):
+        importlib.import_module(mod)
+
+    def subclasses(cls: type) -> set[type]:
+        return {cls} | {s for c in cls.__subclasses__() for s in subclasses(c)}
+
+    codes = {c.exit_code for c in subclasses(CTPassportError)}
+    source = inspect.getsource(importlib.import_module("ctpassport.cli").handle_errors)
+    codes |= {int(v) for v in re.findall(r"typer\.Exit\((\d+)\)", source)}
+    assert {1, 2, 3, 4, 5, 6, 7, 8, 9, 70, 75, 130, 141} <= codes
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    listing = " ".join(readme.split("a nonzero exit (", 1)[1].split("`--debug` shows", 1)[0].split())
+    listed = {int(v) for v in re.findall(r"(?:^|[(;,] )(\d+) [a-z]", listing)}
+    assert codes <= listed, f"exit codes not explained in the README: {sorted(codes - listed)}"
+
+
 def test_classes() -> None:
     res = runner.invoke(app, ["classes"])
     lines = res.stdout.strip().splitlines()

@@ -630,6 +630,7 @@ def validate_registration_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Random seed of the synthetic motions.")] = 0,
     noise_floor: Annotated[Path | None, typer.Option("--noise-floor", help="A second segmentation of the same scan (e.g. the full model's) for the noise floor.")] = None,
     amplitudes: Annotated[str, typer.Option("--amplitudes", help="Mean deformation amplitudes (mm), comma separated.")] = "0,2.5,5,10,15",
+    points: Annotated[int, typer.Option("--points", min=3, max=100_000, help="Boundary points per organ (at most) of the passports registered, as `ctpassport passport --points`.")] = 500,
     compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Compare the smooth fits (demons, bspline, tps, sitk-bspline).")] = True,
     full_fov: Annotated[bool, typer.Option("--full-fov/--no-full-fov", help="Also run the analytic full-torso label map (no organ cut by the field of view).")] = True,
     learn2reg: Annotated[Path | None, typer.Option("--learn2reg", help="A Learn2Reg task folder (imagesTr, keypointsTr/landmarksTr, *_dataset.json).")] = None,
@@ -640,14 +641,14 @@ def validate_registration_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Validate the registration: self-registration, synthetic recovery sweeps, noise floor, or a Learn2Reg folder."""
-    from .errors import InputError
+    from .errors import ConfigError, InputError
     from .io.atomic import check_writable
 
     check_writable(output, force, folder=True)
     if cases < 1:
-        raise InputError(f"--cases must be >= 1, not {cases}")
+        raise ConfigError(f"--cases must be >= 1, not {cases}")
     if max_pairs is not None and max_pairs < 1:
-        raise InputError(f"--max-pairs must be >= 1, not {max_pairs}")
+        raise ConfigError(f"--max-pairs must be >= 1, not {max_pairs}")
     say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     if learn2reg is not None:
         from .register.validate import validate_learn2reg
@@ -663,7 +664,7 @@ def validate_registration_cmd(
                 return seg.segment(image).labels
 
         res = validate_learn2reg(learn2reg, output, segment=segment_fn, labels_dir=labels_dir, max_pairs=max_pairs,
-                                 force=force, progress=say)
+                                 points=points, force=force, progress=say)
         s = res["summary"]
         failed = [r for r in res["pairs"] if "error" in r]
         if s["evaluated"] == 0:
@@ -682,10 +683,10 @@ def validate_registration_cmd(
     try:
         amps = tuple(float(a) for a in amplitudes.split(",") if a.strip())
     except ValueError:
-        raise InputError(f"--amplitudes must be numbers separated by commas, not {amplitudes!r}") from None
+        raise ConfigError(f"--amplitudes must be numbers separated by commas, not {amplitudes!r}") from None
     if not amps or any(a < 0 for a in amps):
-        raise InputError("--amplitudes must be one or more non-negative numbers")
-    opts = SuiteOptions(cases=cases, seed=seed, amplitudes=amps, full_fov=full_fov,
+        raise ConfigError("--amplitudes must be one or more non-negative numbers")
+    opts = SuiteOptions(cases=cases, seed=seed, amplitudes=amps, full_fov=full_fov, points=points,
                         compare_methods=("demons", "bspline", "tps", "sitk-bspline") if compare else ())
     res = run_suite(input, output, ct=ct, noise_floor_seg=noise_floor, options=opts, force=force, progress=say)
     s10 = res["summary"].get("amplitude_10", {}).get("deformable:demons", {})
@@ -1098,6 +1099,7 @@ def store_show_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="The record and its passport as JSON.")] = False,
     passport_out: Annotated[Path | None, typer.Option("--passport-out", help="Write the stored passport to this file.")] = None,
     force: Annotated[bool, typer.Option("--force", "-f")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing (with --passport-out: only write the passport); --json still prints.")] = False,
 ) -> None:
     """Show a stored study: metadata and organs (volume mm3, centroid RAS+ mm)."""
     from .io.atomic import check_writable
@@ -1111,6 +1113,8 @@ def store_show_cmd(
         save_passport(rec.load_passport(), passport_out)
     if as_json:
         typer.echo(record_json(rec, with_passport=True))
+        return
+    if quiet:
         return
     for k, v in rec.summary().items():
         typer.echo(f"{k}: {v if v is not None else '-'}")

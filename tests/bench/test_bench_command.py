@@ -241,3 +241,18 @@ def test_vanilla_gets_totalsegmentators_device_names(tiny_home: Path, tmp_path: 
 
     s = BenchSettings(inputs=[], model=str(tiny_home), out_dir=tmp_path, configs=[CONFIGS["vanilla"]], device=device)
     assert _worker_spec(CONFIGS["vanilla"], s, tmp_path)["device"] == expected
+
+
+def test_bench_with_no_configuration_able_to_run_is_a_backend_problem(tmp_path: Path, ct_dir: Path,
+                                                                       tiny_home: Path) -> None:
+    """Every named configuration failing to start (here: `gpu` without a CUDA GPU) exits 3, the README's "model
+    or backend problem", with one line naming the configuration and why, and leaves no report folder."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU, so the gpu configuration can run [allowed]")
+    res = runner.invoke(app, ["bench", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "--model", str(tiny_home),
+                              "-o", str(tmp_path / "r"), "--configs", "gpu", "--repeat", "1", "--warmup", "0",
+                              "--passport-speed", "off", "--no-margins", "-q"])
+    assert res.exit_code == 3, res.output
+    assert "no configuration could run: gpu:" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()

@@ -413,26 +413,42 @@ def test_hard_example_mining_is_cached_per_weights(tmp_path: Path) -> None:
 
 def test_hard_negatives_need_trained_weights(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from ctpassport.errors import InputError
+    from ctpassport.errors import ConfigError
     from ctpassport.model.train import TrainConfig, train_demo
 
-    with pytest.raises(InputError, match="--init-from"):
+    with pytest.raises(ConfigError, match="--init-from"):
         train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(hard_negatives=0.3), work_dir=tmp_path / "w")
-    with pytest.raises(InputError, match="unknown classes: splen"):
+    with pytest.raises(ConfigError, match="unknown classes: splen"):
         train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(hard_negatives=0.3, init_from="x",
                                                                     hard_classes=("splen",)), work_dir=tmp_path / "w")
-    with pytest.raises(InputError, match="between 0 and 1"):
+    with pytest.raises(ConfigError, match="between 0 and 1"):
         train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(hard_negatives=1.5, init_from="x"),
                    work_dir=tmp_path / "w")
 
 
 def test_train_config_rejects_crops_off_the_stride(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from ctpassport.errors import InputError
+    from ctpassport.errors import ConfigError
     from ctpassport.model.train import TrainConfig, train_demo
 
-    with pytest.raises(InputError, match="multiples of 16"):
+    with pytest.raises(ConfigError, match="multiples of 16"):
         train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(crop=(56, 112, 128)), work_dir=tmp_path / "w")
+
+
+def test_train_demo_bad_option_values_exit_as_bad_settings(tmp_path: Path) -> None:
+    """Option values the recipe refuses are bad settings (exit 5, as the README lists), not bad input files."""
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from ctpassport.cli import app
+
+    for args, message in ((["--crop", "56,112,128"], "multiples of 16"),
+                          (["--steps", "0"], "--calibrate and --init-from"),
+                          (["--hard-negatives", "0.3"], "give --init-from")):
+        r = CliRunner().invoke(app, ["model", "train-demo", "-o", str(tmp_path / "m"), "-q", *args])
+        assert r.exit_code == 5, (args, r.output)
+        assert message in r.stderr and "Traceback" not in r.output
+        assert not (tmp_path / "m").exists()
 
 
 def test_shipped_training_record(evaluation: dict) -> None:
@@ -577,14 +593,14 @@ def test_calibrate_head_biases_shifts_the_output_layer(tmp_path: Path) -> None:
 
 def test_a_stage_without_steps_needs_calibration_and_weights(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from ctpassport.errors import InputError
+    from ctpassport.errors import ConfigError
     from ctpassport.model.train import TrainConfig, train_demo
 
-    with pytest.raises(InputError, match="--calibrate and --init-from"):
+    with pytest.raises(ConfigError, match="--calibrate and --init-from"):
         train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(steps=0), work_dir=tmp_path / "w")
-    with pytest.raises(InputError, match="--calibrate and --init-from"):
+    with pytest.raises(ConfigError, match="--calibrate and --init-from"):
         train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(steps=0, calibrate=True), work_dir=tmp_path / "w")
-    with pytest.raises(InputError, match="unknown classes: splen"):
+    with pytest.raises(ConfigError, match="unknown classes: splen"):
         train_demo(tmp_path / "m", ct_dir=tmp_path, cfg=TrainConfig(calibrate=True, calibrate_classes=("splen",)),
                    work_dir=tmp_path / "w")
 

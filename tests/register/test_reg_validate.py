@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ctpassport.cli import app
-from ctpassport.errors import InputError
+from ctpassport.errors import ConfigError, InputError
 from ctpassport.io.atomic import OUTPUT_MARKER
 from ctpassport.register.points import read_voxel_csv
 from ctpassport.register.synthetic import random_motion
@@ -111,6 +111,38 @@ def test_learn2reg_with_a_segmenter_and_via_the_cli(scene, tmp_path) -> None:
     assert json.loads((tmp_path / "cli_out" / "results.json").read_text())["summary"]["evaluated"] == 1
 
 
+def test_validate_points_option_sets_the_passport_density(scene, tmp_path, monkeypatch) -> None:
+    """`--points N` builds the registered passports with at most N boundary points per organ (Learn2Reg and the
+    suite), and the results say so."""
+    import ctpassport.passport.build as build
+    import ctpassport.register.validate as validate
+
+    labels, aff = scene
+    make_learn2reg(tmp_path / "task", labels, aff, pairs=1)
+    seen: list[int] = []
+    real_build = build.build_passport
+
+    def recording_build(*args, **kwargs):
+        seen.append(kwargs["points"])
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(build, "build_passport", recording_build)
+    args = ["validate-registration", "--learn2reg", str(tmp_path / "task"), "--labels-dir",
+            str(tmp_path / "task" / "labelsTr"), "-o", str(tmp_path / "l2r"), "-q", "--points", "120"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert seen == [120, 120]
+    assert json.loads((tmp_path / "l2r" / "results.json").read_text())["points_per_organ"] == 120
+    assert "up to 120 boundary points per organ" in (tmp_path / "l2r" / "report.md").read_text()
+    options = []
+    monkeypatch.setattr(validate, "run_suite",
+                        lambda *a, **k: options.append(k["options"]) or {"summary": {}, "wall_s": 0.0})
+    nib.save(nib.Nifti1Image(labels, aff), tmp_path / "seg.nii.gz")
+    r = CliRunner().invoke(app, ["validate-registration", "-i", str(tmp_path / "seg.nii.gz"), "-o",
+                                 str(tmp_path / "suite"), "-q", "--points", "250"])
+    assert r.exit_code == 0 and options and options[0].points == 250, r.output
+
+
 def test_learn2reg_pair_specific_keypoint_folders(scene, tmp_path) -> None:
     """ThoraxCBCT/OncoReg layout: keypoints01Tr holds the keypoints of the _0000/_0001 pair; keypoints02Tr
     other ones for _0000 (a decoy here): the pair's own folder is used."""
@@ -172,11 +204,11 @@ def test_learn2reg_bad_folders(tmp_path) -> None:
         with pytest.raises(InputError, match=message):
             validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
     for bad in (0, -1):  # -1 would otherwise slice the last pair away
-        with pytest.raises(InputError, match=f"--max-pairs must be >= 1, not {bad}"):
+        with pytest.raises(ConfigError, match=f"--max-pairs must be >= 1, not {bad}"):
             validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path, max_pairs=bad)
         r = CliRunner().invoke(app, ["validate-registration", "--learn2reg", str(tmp_path / "task"), "--labels-dir",
                                      str(tmp_path), "-o", str(tmp_path / "o"), "--max-pairs", str(bad), "-q"])
-        assert r.exit_code == 2 and "--max-pairs must be >= 1" in r.stderr and "Traceback" not in r.output
+        assert r.exit_code == 5 and "--max-pairs must be >= 1" in r.stderr and "Traceback" not in r.output
     (tmp_path / "task" / "Y_dataset.json").write_text("{}")
     with pytest.raises(InputError, match="2 task descriptions.*ambiguous"):
         validate_learn2reg(tmp_path / "task", tmp_path / "o", labels_dir=tmp_path)
@@ -196,6 +228,7 @@ def test_suite_writes_report_results_and_pictures(scene, tmp_path) -> None:
         full_fov=False,
         timing_repeats=1,
         n_points=500,
+        points=300,
     )
     res = run_suite(tmp_path / "seg.nii.gz", tmp_path / "report", options=opts)
     names = sorted(p.name for p in (tmp_path / "report").iterdir())
@@ -208,6 +241,7 @@ def test_suite_writes_report_results_and_pictures(scene, tmp_path) -> None:
     assert "deformable:bspline" in res["summary"]["compare"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Targets" in report and "## Synthetic recovery" in report
+    assert "passports of up to 300 boundary points per organ" in report
 
 
 def test_real_ct_self_registration_and_noise_floor(ct_dir) -> None:
@@ -249,3 +283,15 @@ def test_learn2reg_segments_with_the_model(scene, tmp_path, standin_home) -> Non
     row = res["pairs"][0]
     assert row["segment_s"] > 0
     assert all(("tre" in row[t]) or ("error" in row[t]) for t in ("rigid", "deformable"))
+
+
+def test_validate_bad_option_values_exit_as_bad_settings(tmp_path: Path) -> None:
+    """--cases / --amplitudes values are bad settings (exit 5, as the README lists), refused before any work."""
+    for args, message in ((["--cases", "0"], "--cases must be >= 1, not 0"),
+                          (["--amplitudes", "abc"], "--amplitudes must be numbers"),
+                          (["--amplitudes", "-5"], "non-negative")):
+        r = CliRunner().invoke(app, ["validate-registration", "-i", str(tmp_path / "seg.nii.gz"),
+                                     "-o", str(tmp_path / "o"), "-q", *args])
+        assert r.exit_code == 5, (args, r.output)
+        assert message in r.stderr and "Traceback" not in r.output
+        assert not (tmp_path / "o").exists()

@@ -171,6 +171,9 @@ def test_cli_add_list_show_with_dicom_metadata(db_url: str, make_passport, tmp_p
     res = runner.invoke(app, ["store", "show", "px1-2022", "--db", db_url, "--passport-out", str(tmp_path / "o.json")])
     assert res.exit_code == 0 and "spleen" in res.stdout and "patient_id: PX-1" in res.stdout
     assert load_passport(tmp_path / "o.json").organs[0].id == 1
+    res = runner.invoke(app, ["store", "show", "px1-2022", "--db", db_url, "--passport-out", str(tmp_path / "q.json"),
+                              "-q"])  # export quietly, like every command that writes an output
+    assert res.exit_code == 0 and res.stdout == "" and load_passport(tmp_path / "q.json").organs[0].id == 1
     res = runner.invoke(app, ["store", "show", "nope", "--db", db_url])
     assert res.exit_code == StoreError.exit_code and "no study 'nope'" in res.output
 

@@ -107,9 +107,9 @@ class BenchSettings:
 
 
 class WorkerError(CTPassportError):
-    """A benchmark worker failed."""
+    """A benchmark configuration could not start or failed (a model or backend problem: exit 3)."""
 
-    exit_code = 7
+    exit_code = 3
 
 
 class Worker:

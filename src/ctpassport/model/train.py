@@ -48,7 +48,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from ..errors import InputError, ModelError
+from ..errors import ConfigError, InputError, ModelError
 from ..io.atomic import atomic_path, write_text_atomic
 
 DEMO_BASE_FEATURES = 8
@@ -420,19 +420,19 @@ def train_demo(output: str | Path, *, ct_dir: str | Path, cfg: TrainConfig | Non
     torch.set_num_threads(max(1, cfg.threads))
     for c in (cfg.crop, cfg.crop_start or cfg.crop):
         if len(c) != 3 or any(int(v) % 16 or int(v) < 16 for v in c):
-            raise InputError(f"crop {tuple(c)} must be three multiples of 16 (the network's total stride)")
+            raise ConfigError(f"crop {tuple(c)} must be three multiples of 16 (the network's total stride)")
     from .classes import NAME_TO_ID
 
     _check_class_names("--focus", cfg.class_focus)
     focus_ids = {NAME_TO_ID[n]: float(f) for n, f in cfg.class_focus.items()} or None
     if not 0.0 <= cfg.hard_negatives <= 1.0:
-        raise InputError(f"--hard-negatives {cfg.hard_negatives:g} must be a fraction between 0 and 1")
+        raise ConfigError(f"--hard-negatives {cfg.hard_negatives:g} must be a fraction between 0 and 1")
     if cfg.hard_negatives > 0 and not cfg.init_from:
-        raise InputError("--hard-negatives mines the errors of trained weights: give --init-from a trained model")
+        raise ConfigError("--hard-negatives mines the errors of trained weights: give --init-from a trained model")
     _check_class_names("--hard-classes", cfg.hard_classes)
     _check_class_names("--calibrate", cfg.calibrate_classes)
     if cfg.steps < 0 or (cfg.steps == 0 and not (cfg.calibrate and cfg.init_from)):
-        raise InputError(f"--steps {cfg.steps}: a stage without optimiser steps only calibrates trained weights"
+        raise ConfigError(f"--steps {cfg.steps}: a stage without optimiser steps only calibrates trained weights"
                          " (give --calibrate and --init-from)" if cfg.steps == 0 else
                          f"--steps {cfg.steps} must not be negative")
     work.mkdir(parents=True, exist_ok=True)  # after the checks: a refused recipe leaves nothing behind
@@ -1066,12 +1066,12 @@ def _focus_text(cfg: dict[str, Any]) -> str:
 
 
 def _check_class_names(option: str, names: Any) -> None:
-    """An :class:`InputError` naming ``option`` if any of ``names`` is not a TotalSegmentator class name."""
+    """A :class:`~ctpassport.errors.ConfigError` naming ``option`` if any of ``names`` is not a TotalSegmentator class name."""
     from .classes import NAME_TO_ID
 
     unknown = sorted(set(names) - set(NAME_TO_ID))
     if unknown:
-        raise InputError(f"{option} names unknown classes: {', '.join(unknown)} (use TotalSegmentator class names)")
+        raise ConfigError(f"{option} names unknown classes: {', '.join(unknown)} (use TotalSegmentator class names)")
 
 
 def _mine_text(seconds: dict[str, float]) -> str:
@@ -1256,7 +1256,8 @@ def _status_lines(evaluation: dict[str, Any], bar: float = 0.9) -> list[str]:
             + ", ".join(f"{n} {d:.3f} ({k})" for k, n, d in worst) + ").",
             "Where it is not met the model was trained too briefly (on a 2-core CPU, times above): its outputs",
             "are less confident than a fully trained model's, so small structures flip between near-tied classes.",
-            "Continue training with `ctpassport model train-demo --init-from <this folder>` to improve it."]
+            "Continue training with `ctpassport model train-demo --init-from <this folder> -o NEW_FOLDER` to improve "
+            "it (without `-o` the output is this folder itself, which is refused unless `--force` replaces it)."]
 
 
 def check_trained_folder(path: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CTPassportError, InputError, RegistrationError
+from ..errors import ConfigError, CTPassportError, InputError, RegistrationError
 from ..io.atomic import atomic_path, check_writable
 from ..io.nifti import Image3D, read_image
 from ..io.orientation import onto_grid
@@ -745,7 +745,8 @@ def render_report(r: dict[str, Any]) -> str:
         f"Input `{r['input']}`"
         + (f" with CT `{r['ct']}`" if r.get("ct") else "")
         + f": grid {r['grid_shape']} at {r['grid_spacing_mm']} mm, {r['organs']} organs "
-        f"({r['organs_truncated']} touch the image border). Wall time {_f(r.get('wall_s'), 1)} s.\n"
+        f"({r['organs_truncated']} touch the image border); passports of up to "
+        f"{r.get('options', {}).get('points', 500)} boundary points per organ. Wall time {_f(r.get('wall_s'), 1)} s.\n"
     )
     L.append(
         "Convention: `T` maps fixed to moving (pull-back), world mm RAS+; TRE = |T(x_fixed) - x_moving| on "
@@ -981,7 +982,7 @@ def validate_learn2reg(
     if segment is None and labels_dir is None:
         raise InputError("need a segmenter or a labels folder for the Learn2Reg validation")
     if max_pairs is not None and max_pairs < 1:
-        raise InputError(f"--max-pairs must be >= 1, not {max_pairs}")
+        raise ConfigError(f"--max-pairs must be >= 1, not {max_pairs}")
     pairs = learn2reg_pairs(root)
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
@@ -1073,13 +1074,15 @@ def validate_learn2reg(
             "folder": str(root),
             "labels": str(labels_dir) if labels_dir else "segmented",
             "method": method,
+            "points_per_organ": points,
             "pairs": rows,
             "summary": summary,
         }
     )
     lines = [
         "# Learn2Reg validation\n",
-        f"Folder `{root}`, labels: {results['labels']}, deformable method {method}. "
+        f"Folder `{root}`, labels: {results['labels']}, passports of up to {points} boundary points per organ, "
+        f"deformable method {method}. "
         "TRE in world mm on the keypoints (fixed keypoints mapped by T vs moving keypoints).\n",
         "| fixed | moving | keypoints | identity TRE | rigid TRE | deformable TRE | segment s | passport s | "
         "rigid s | deformable s | total s |",
