@@ -205,6 +205,7 @@ def segment_cmd(
     passport: Annotated[Path | None, typer.Option("--passport", help="Also write the passport JSON here.")] = None,
     passport_grid: Annotated[str, typer.Option("--passport-grid", help="model (3 mm grid, like the study) or output.")] = "model",
     normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the passport's boundary points (more accurate registration, larger JSON).")] = False,
+    body: Annotated[bool, typer.Option("--body", help="Also store the body outline (skin surface points) from the CT: the deformable registration matches it too.")] = False,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="DICOM input: this SeriesInstanceUID (default: the largest CT series).")] = None,
     output_type: Annotated[str, typer.Option("--output-type", "--output_type", "-ot", help="nifti, or dicom_seg (DICOM input only; -o names the .dcm file, or a folder to hold <SeriesInstanceUID>.dcm).")] = "nifti",
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs (no short form: -f is TotalSegmentator's --fast).")] = False,
@@ -278,7 +279,7 @@ def segment_cmd(
         def passport_fn(result: Any, tm: Any) -> None:
             passport_from_segmentation(result, passport, input_path=input, grid=passport_grid,
                                        model_id=seg.model.model_id, timings=tm.seconds, ct=image.data,
-                                       normals=normals, series_uid=series_uid)
+                                       normals=normals, body=body, series_uid=series_uid)
 
     with progress:
         def tick(n: int) -> None:
@@ -390,6 +391,7 @@ def passport_cmd(
     points: Annotated[int, typer.Option("--points", min=0, max=10_000_000, help="Boundary points per organ (at most).")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the boundary point sampling.")] = 0,
     normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the boundary points (more accurate registration, larger JSON).")] = False,
+    body: Annotated[bool, typer.Option("--body", help="Also store the body outline (skin surface points) from --ct: the deformable registration matches it too.")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -401,9 +403,13 @@ def passport_cmd(
     from .passport.schema import save_passport
 
     check_writable(output, force)
+    if body and ct is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--body needs --ct (the body outline is found in the CT)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PassportWarning)  # reported below from passport.warnings
-        p = passport_from_file(input, ct_path=ct, points=points, seed=seed, normals=normals)
+        p = passport_from_file(input, ct_path=ct, points=points, seed=seed, normals=normals, body=body)
     save_passport(p, output)
     for w in p.warnings:
         _warn(f"{input}: {w}")
@@ -988,6 +994,7 @@ def batch_cmd(
     passport: Annotated[bool, typer.Option("--passport", help="Also write passport.json per case.")] = False,
     passport_grid: Annotated[str, typer.Option("--passport-grid", help="model (3 mm grid) or output.")] = "model",
     normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the passports' boundary points (more accurate registration, larger JSON).")] = False,
+    body: Annotated[bool, typer.Option("--body", help="Also store the body outline (skin surface points) from the CT: the deformable registration matches it too.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished cases, redo the rest.")] = False,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir.")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="auto (default: the fastest backend that keeps parity on this machine, e.g. openvino-bf16 on AMX CPUs), onnxruntime (exact fp32 parity path), openvino, openvino-bf16, openvino-int8, cuda, torch.")] = None,
@@ -1009,7 +1016,7 @@ def batch_cmd(
     model_arg = None if model is None else str(model) if is_demo_alias(model) else str(model.resolve())
     opts = BatchOptions(model=model_arg, backend=backend,
                         threads=nr_thr or None, passport=passport, passport_grid=passport_grid,
-                        passport_normals=normals, roi_subset=tuple(roi_subset) if roi_subset else None)
+                        passport_normals=normals, passport_body=body, roi_subset=tuple(roi_subset) if roi_subset else None)
     progress, task = _progress(quiet, 1, "Batch")
 
     def on_plan(total: int, done: int) -> None:

@@ -356,7 +356,8 @@ def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_
                 r = results[role]
                 passports[role] = build_passport(r.labels, img.affine, ct=img.data, model_id=seg.model.model_id,
                                                  source=Source(path=str(img.path) if img.path else f"{role}.nii.gz"),
-                                                 timings=r.timings.seconds, normals=True)  # for registration
+                                                 timings=r.timings.seconds, normals=True,  # for registration
+                                                 body=True)
                 save_passport(passports[role], tmp / f"{role}_passport.json")
         report["passports"] = {role: {"organs": len(p.organs),
                                       "seconds": round(clock.seconds[f"passport_{role}"], 3)}

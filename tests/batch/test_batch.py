@@ -300,6 +300,15 @@ def test_resume_redoes_cases_made_with_other_options(batch_in: Path, tiny_model:
     normals = BatchOptions(model=str(tiny_model), threads=1, passport=True, passport_normals=True)
     assert run_batch(batch_in, out, normals, resume=True).counts()["resumed"] == 0
     assert run_batch(batch_in, out, normals, resume=True).counts()["resumed"] == 3
+    body = BatchOptions(model=str(tiny_model), threads=1, passport=True, passport_normals=True, passport_body=True)
+    assert run_batch(batch_in, out, body, resume=True).counts()["resumed"] == 0  # --body: redone, with the outline
+    assert all(json.loads((out / case / "passport.json").read_text())["body"]["name"] == "body" for case in CASES)
+    for case in CASES:  # a case made before --body existed records no passport_body: it had no outline
+        rec_path = out / case / "case.json"
+        rec = json.loads(rec_path.read_text())
+        del rec["output_options"]["passport_body"]
+        rec_path.write_text(json.dumps(rec))
+    assert run_batch(batch_in, out, normals, resume=True).counts()["resumed"] == 3
 
 
 def test_a_failed_redo_leaves_no_stale_output(batch_in: Path, tiny_model: Path, tmp_path: Path) -> None:

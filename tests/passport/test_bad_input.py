@@ -201,9 +201,9 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
             good["organs"][0]["covariance_mm2"][0][0] = 1e300
             doc, words = good, ("covariance_mm2", "beyond")
         elif case == "newer_schema_field":  # a newer minor version's addition: say so, not just "extra field"
-            good["schema_version"] = "1.3"
+            good["schema_version"] = "1.4"
             good["organs"][0]["new_thing"] = 1
-            doc, words = good, ("newer than this ctpassport reads (1.2)", "new_thing", "upgrade ctpassport")
+            doc, words = good, ("newer than this ctpassport reads (1.3)", "new_thing", "upgrade ctpassport")
         elif case == "extra_field":
             good["organs"][0]["colour"] = "red"
             doc, words = good, ("colour",)
@@ -225,17 +225,17 @@ def test_byte_order_mark_and_newer_compatible_minor_version_load(tmp_path: Path)
     bom = tmp_path / "bom.json"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())
     assert load_passport(bom).organs[0].centroid_mm == tuple(doc["organs"][0]["centroid_mm"])
-    doc["schema_version"] = "1.3"
+    doc["schema_version"] = "1.4"
     newer = tmp_path / "newer.json"
     newer.write_text(json.dumps(doc))
-    assert load_passport(newer).schema_version == "1.3"
+    assert load_passport(newer).schema_version == "1.4"
 
 
 def test_schema_1_1_passport_without_normals_still_loads(tmp_path: Path) -> None:
     """Passports written before schema 1.2 have no ``boundary_normals``: they load (normals None); a 1.2 passport
     built with normals has one unit normal per boundary point."""
     doc = _valid_passport_json(tmp_path)
-    assert doc["schema_version"] == "1.2"
+    assert doc["schema_version"] == "1.3"
     o = doc["organs"][0]
     assert len(o["boundary_normals"]) == len(o["boundary_points_mm"])
     for organ in doc["organs"]:

@@ -47,7 +47,7 @@ def test_passport_command(tmp_path: Path, ct_dir: Path) -> None:
                               "--points", "100", "--seed", "4", "--normals"])
     assert res.exit_code == 0, res.output
     pn = load_passport(with_n)
-    assert pn.schema_version == "1.2"
+    assert pn.schema_version == "1.3"
     for a, b in zip(p.organs, pn.organs, strict=True):
         assert a.boundary_points_mm == b.boundary_points_mm and len(b.boundary_normals or []) == len(b.boundary_points_mm)
 

@@ -362,3 +362,41 @@ def test_min_cell_jacobian_matches_the_trilinear_interpolant(affine: np.ndarray)
         best = min(best, float(np.linalg.det(jac).min()))
     assert best < 0.5  # the case has strongly compressed cells
     assert min_cell_jacobian(u, g) == pytest.approx(best, abs=1e-3)
+
+
+def test_the_body_outline_pairs_like_an_organ_and_moves_the_skin() -> None:
+    """Passports with a body outline (``body=True`` and a CT) pair their skin points in the deformable tier; the
+    rigid tier ignores the outline. Here the organs stay put and the body widens by 6 mm on each side: with the
+    outlines the field moves fixed skin points outwards by about that much, without them it cannot."""
+    from ctpassport.register.deformable import organ_point_sets
+
+    shape, sp = (90, 76, 24), 3.0
+    aff = np.diag([sp, sp, sp, 1.0])
+    aff[:3, 3] = (-133.5, -112.5, 0.0)
+    idx = np.indices(shape, dtype=np.float64)
+    x, y, z = (aff[a, a] * idx[a] + aff[a, 3] for a in range(3))
+    labels = np.zeros(shape, dtype=np.uint8)
+    for k, (cx, cy, cz) in zip((5, 1, 2, 3), ((-40, 0, 30), (40, 10, 35), (0, -30, 30), (10, 25, 40))):
+        labels[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 15.0**2] = k
+
+    def ct(a: float, b: float) -> np.ndarray:
+        vol = np.full(shape, -1000.0, dtype=np.float32)
+        vol[(x / a) ** 2 + (y / b) ** 2 <= 1.0] = 40.0
+        return vol
+
+    fp = build_passport(labels, aff, ct=ct(100.0, 70.0), normals=True, body=True)
+    mp = build_passport(labels, aff, ct=ct(106.0, 76.0), normals=True, body=True)
+    rigid = register_passports(fp, mp, "rigid")
+    assert rigid.transform.rigid.angle_deg < 1e-4 and np.linalg.norm(rigid.transform.rigid.translation) < 1e-6
+    names = [s.name for s in organ_point_sets(fp, mp, RigidTransform.identity())]
+    assert "body" in names and len(names) == 5
+    assert "body" not in [s.name for s in organ_point_sets(fp, mp, RigidTransform.identity(), exclude=("body",))]
+    skin = np.array([[100.0, 0.0, 36.0], [-100.0, 0.0, 36.0], [0.0, 70.0, 36.0], [0.0, -70.0, 36.0]])
+    truth = skin * np.array([106.0 / 100.0, 76.0 / 70.0, 1.0])
+    with_body = register_passports(fp, mp, "deformable")
+    assert "body" in [o["name"] for o in with_body.summary["deformable"]["organs"]]
+    err_with = np.linalg.norm(with_body.transform_points(skin) - truth, axis=1).mean()
+    without = register_passports(fp.model_copy(update={"body": None}), mp, "deformable")
+    err_without = np.linalg.norm(without.transform_points(skin) - truth, axis=1).mean()
+    assert err_without > 5.0  # the organs alone say nothing about the skin
+    assert err_with < 0.5 * err_without

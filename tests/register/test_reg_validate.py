@@ -131,7 +131,7 @@ def test_validate_points_option_sets_the_passport_density(scene, tmp_path, monke
             str(tmp_path / "task" / "labelsTr"), "-o", str(tmp_path / "l2r"), "-q", "--points", "120"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert seen == [120, 120]
+    assert seen.count(120) == 2 and set(seen) <= {120, 2 * 120}  # (a CT-like image: also its body outline)
     assert json.loads((tmp_path / "l2r" / "results.json").read_text())["points_per_organ"] == 120
     assert "up to 120 boundary points per organ" in (tmp_path / "l2r" / "report.md").read_text()
     options = []

@@ -266,12 +266,12 @@ def test_a_stored_passport_this_version_cannot_read_is_a_one_line_error(tmp_path
         rec, _ = store.add(make_passport(), StudyMeta(source_sha256="cd" * 32, study_key="newer"))
         store.add(make_passport((5.0, 0.0, 0.0)), StudyMeta(source_sha256="ef" * 32, study_key="other"))
     doc = json.loads(rec.passport_json)
-    doc["schema_version"] = "1.3"
+    doc["schema_version"] = "1.4"
     doc["organs"][0]["new_field"] = [1, 2]
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE ctp_studies SET passport_json = ? WHERE study_key = 'newer'", (json.dumps(doc),))
     runner = CliRunner()
-    want = ("stored study newer: written with passport schema 1.3, newer than this ctpassport reads (1.2)",
+    want = ("stored study newer: written with passport schema 1.4, newer than this ctpassport reads (1.3)",
             "new_field", "upgrade ctpassport")
     res = runner.invoke(app, ["store", "show", "newer", "--db", str(db)])
     assert res.exit_code == 2 and all(w in res.stderr for w in want), res.stderr

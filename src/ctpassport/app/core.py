@@ -405,7 +405,8 @@ def segment_study(
                 source=study_source(study),
                 model_id=segmenter.model.model_id,
                 timings=dict(tm.seconds),
-                normals=True,  # the app registers studies: normals make it more accurate
+                normals=True,  # the app registers studies: normals and the body outline make it more accurate
+                body=True,
             )
     return SegmentationRun(
         labels=res.labels,
@@ -491,6 +492,7 @@ def reference_run(study: Study) -> SegmentationRun:
             source=study_source(study),
             model_id="phantom reference labels",
             normals=True,
+            body=True,
             timings={},
         )
     return SegmentationRun(

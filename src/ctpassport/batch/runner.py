@@ -142,8 +142,12 @@ def finished_record(case: Case, out_dir: Path, opts: BatchOptions | None = None,
     rec = read_case_record(out_dir / case.case_id)
     if rec is None or rec.get("input") != case.path:
         return None
-    if opts is not None and rec.get("output_options") != opts.output_options():
-        return None
+    if opts is not None:
+        made = rec.get("output_options")
+        if isinstance(made, dict) and "passport_body" not in made:  # made before --body: passports without one
+            made = {**made, "passport_body": False if made.get("passport") else None}
+        if made != opts.output_options():
+            return None
     if model_id is not None and rec.get("model_id") != model_id:
         return None
     sig = rec.get("input_signature")

@@ -48,6 +48,7 @@ class BatchOptions:
     passport: bool = False
     passport_grid: str = "model"
     passport_normals: bool = False
+    passport_body: bool = False
     roi_subset: tuple[str, ...] | None = None
     cache_dir: str | None = None
 
@@ -58,6 +59,7 @@ class BatchOptions:
         """The options that shape a case's outputs (a resumed case must have been made with the same)."""
         return {"passport": self.passport, "passport_grid": self.passport_grid if self.passport else None,
                 "passport_normals": self.passport_normals if self.passport else None,
+                "passport_body": self.passport_body if self.passport else None,
                 "roi_subset": sorted(self.roi_subset) if self.roi_subset else None}
 
 
@@ -148,7 +150,8 @@ def run_case(case: Case, out_dir: str, opts: BatchOptions) -> dict[str, Any]:
                     def passport_fn(result: Any, timings: Any) -> None:
                         passport_from_segmentation(result, tmp / PASSPORT, input_path=case.path,
                                                    grid=opts.passport_grid, model_id=seg.model.model_id,
-                                                   timings=timings.seconds, normals=opts.passport_normals)
+                                                   timings=timings.seconds, normals=opts.passport_normals,
+                                                   body=opts.passport_body)
 
                 res = seg.segment_file(case.path, tmp / LABELS, ml=True,
                                        roi_subset=list(opts.roi_subset) if opts.roi_subset else None,

@@ -28,6 +28,16 @@ Frames and units, stated once for every field below:
   the field of view; registration can leave such organs out);
 * ``hu_mean`` / ``hu_std``: mean and population standard deviation (ddof=0) of the CT (HU) inside the
   organ, on the passport's grid; null when no CT was given.
+* ``body`` (schema 1.3; only when asked for, ``--body``, and a CT is given): the **body outline** as one more
+  organ record (id :data:`BODY_ID`, name ``body``): the patient's body where the CT exceeds -300 HU, its
+  largest connected part after a 3x3x3 opening (which cuts thin contacts such as the table's rim), with the holes of every axial slice filled (lungs, bowel gas), computed on the CT's
+  grid taken every ``s``-th voxel along each axis (``s`` = the largest integer with ``s x spacing <= 3 mm``,
+  at least 1), so its boundary points (up to twice ``points_per_organ``: the largest surface) are
+  skin-surface voxel centres of that grid (world mm, RAS+; none next to the scanner's padding outside the
+  reconstructed field of view, CT below -1500 HU, where the body's edge is not skin) and its
+  volume, centroid and covariance those of the body inside the field of view. It is nearly always
+  ``truncated`` (cut by the field of view). The deformable registration tier matches it like an organ; the
+  rigid tier never uses it. Null otherwise and in passports written before schema 1.3.
 
 Validation on load: unknown fields, NaN/infinity, world coordinates beyond +-:data:`MAX_COORDINATE_MM`,
 negative or ascending eigenvalues, an improper grid (a size below 1 voxel, a singular affine, a last row
@@ -49,7 +59,11 @@ from .. import __version__
 from ..errors import InputError
 from ..io.atomic import write_text_atomic
 
-SCHEMA_VERSION = "1.2"  # 1.1: + Passport.warnings, consistency checks on load; 1.2: + Organ.boundary_normals
+SCHEMA_VERSION = "1.3"  # 1.1: + Passport.warnings, consistency checks on load; 1.2: + Organ.boundary_normals;
+# 1.3: + Passport.body (the body outline)
+#: ``Passport.body``'s id and name: the body outline is not a TotalSegmentator class (ids 1-117).
+BODY_ID = 1000
+BODY_NAME = "body"
 
 Vec3 = tuple[float, float, float]
 Mat3 = tuple[Vec3, Vec3, Vec3]
@@ -211,6 +225,7 @@ class Passport(BaseModel):
     points_per_organ: int = 500
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per stage")
     organs: list[Organ] = Field(default_factory=list)
+    body: Organ | None = Field(default=None, description="the body outline (id BODY_ID, name 'body'); null unless asked for")
     warnings: list[str] = Field(default_factory=list, description="e.g. an empty label map")
 
     @field_validator("schema_version")
@@ -226,6 +241,9 @@ class Passport(BaseModel):
         if len(ids) != len(set(ids)):
             twice = ", ".join(str(i) for i in sorted({i for i in ids if ids.count(i) > 1}))
             raise ValueError(f"organ ids must be unique (found id {twice} more than once)")
+        if self.body is not None and (self.body.id, self.body.name) != (BODY_ID, BODY_NAME):
+            raise ValueError(f"body must have id {BODY_ID} and name {BODY_NAME!r} "
+                             f"(found {self.body.id}, {self.body.name!r})")
         return self
 
     def organ(self, key: int | str) -> Organ | None:

@@ -10,7 +10,8 @@ Method (default ``method="demons"``):
    on the cut, not on the organ surface, and are dropped. The moving points are brought into the fixed space
    by the inverse rigid transform. Surface normals are the passports' outward normals when both passports
    have them (built with ``normals=True``; rotated with the moving points), else a PCA of each point's 8
-   neighbours in its organ.
+   neighbours in its organ. When both passports carry a body outline (``Passport.body``: the skin surface),
+   it takes part like one more organ.
 2. Iterations (non-rigid ICP): the fixed points are moved by the current field; per organ, symmetric
    KD-tree nearest neighbours give pairs (fixed -> moving and moving -> fixed; every point is a potential
    partner, a rotating third of each side looks for one per iteration); pairs whose querying point has left
@@ -517,10 +518,11 @@ def organ_point_sets(
     excl = set(exclude)
     fg, mg = passport_grid(fixed), passport_grid(moving)
     inv = rigid.inverse()
-    fm = moving.by_id()
+    pairs = [(f, moving.by_id().get(f.id)) for f in fixed.organs]
+    if fixed.body is not None and moving.body is not None:  # the body outline (skin) pairs like an organ
+        pairs.append((fixed.body, moving.body))
     out = []
-    for f in fixed.organs:
-        m = fm.get(f.id)
+    for f, m in pairs:
         if m is None or f.id in excl or (f.name is not None and f.name in excl):
             continue
         pf, pm = f.points_array(), m.points_array()

@@ -39,6 +39,7 @@ from ..errors import ConfigError, CTPassportError, InputError, RegistrationError
 from ..io.atomic import atomic_path, check_writable
 from ..io.nifti import Image3D, read_image
 from ..io.orientation import onto_grid
+from ..passport.build import BODY_HU, PADDING_HU
 from ..passport.schema import Passport
 from .api import register_passports
 from .metrics import dice, hd95, jacobian_determinant, jacobian_stats, tre_stats
@@ -58,7 +59,8 @@ def _passport(
 ) -> Passport:
     from ..passport.build import build_passport
 
-    return build_passport(labels, affine, ct=ct, points=points, seed=seed, grid_kind="output", normals=True)
+    return build_passport(labels, affine, ct=ct, points=points, seed=seed, grid_kind="output", normals=True,
+                          body=ct is not None)
 
 
 def _round(x: Any, nd: int = 4) -> Any:
@@ -78,7 +80,7 @@ def _mean(vals: Sequence[float | None]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def body_mask(labels: np.ndarray, ct: np.ndarray | None = None, hu: float = -300.0) -> np.ndarray:
+def body_mask(labels: np.ndarray, ct: np.ndarray | None = None, hu: float = BODY_HU) -> np.ndarray:
     """Voxels inside the body: CT above ``hu`` HU when a CT is given (also unlabelled tissue), else labelled."""
     return (np.asarray(ct) > hu) if ct is not None else (np.asarray(labels) > 0)
 
@@ -185,11 +187,13 @@ class CaseOutput:
 
 
 def _crop_grid(
-    labels: np.ndarray, affine: np.ndarray, fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    labels: np.ndarray, affine: np.ndarray, fraction: float, rng: np.random.Generator,
+    ct: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray | None]:
     """Crop ``fraction`` of the slices of array axes 2 and 0 from one random end each (a smaller moving field
-    of view); returns the cropped labels, their affine (voxel -> RAS+ mm) and what was removed."""
-    out = labels
+    of view); returns the cropped labels, their affine (voxel -> RAS+ mm), what was removed and the CT (same
+    grid as the labels) cropped alike."""
+    out, out_ct = labels, ct
     aff = affine.copy()
     info: dict[str, Any] = {}
     for ax in (2, 0):
@@ -201,10 +205,11 @@ def _crop_grid(
         sl = [slice(None)] * 3
         sl[ax] = slice(k, n) if start else slice(0, n - k)
         out = out[tuple(sl)]
+        out_ct = None if out_ct is None else out_ct[tuple(sl)]
         if start:
             aff[:3, 3] = aff[:3, 3] + aff[:3, ax] * k
         info[f"axis{ax}"] = {"removed_slices": k, "end": "first" if start else "last"}
-    return np.ascontiguousarray(out), aff, info
+    return np.ascontiguousarray(out), aff, info, None if out_ct is None else np.ascontiguousarray(out_ct)
 
 
 def run_case(scene: Scene, spec: CaseSpec, *, n_points: int = 2000, keep_arrays: bool = False) -> CaseOutput:
@@ -218,18 +223,16 @@ def run_case(scene: Scene, spec: CaseSpec, *, n_points: int = 2000, keep_arrays:
     motion = random_motion(grid, rng, amplitude_mm=spec.amplitude_mm, mask=body_f)
     mlabels = resample(scene.labels, scene.affine, motion.pullback, grid, labels=True)
     mct = (
-        resample(scene.ct, scene.affine, motion.pullback, grid, fill=-1024.0)
+        resample(scene.ct, scene.affine, motion.pullback, grid, fill=PADDING_HU - 1000.0)
         if scene.ct is not None
         else None
     )
     maff = scene.affine
     crop_info: dict[str, Any] = {}
     if spec.crop > 0:
-        mlabels, maff, crop_info = _crop_grid(mlabels, scene.affine, spec.crop, rng)
-        if mct is not None:
-            mct = None  # the body mask then comes from the labels (the CT crop is not needed)
+        mlabels, maff, crop_info, mct = _crop_grid(mlabels, scene.affine, spec.crop, rng, mct)
     mgrid = GridSpec(mlabels.shape, maff)
-    mp = _passport(mlabels, maff, seed=spec.seed + 1, points=scene.points)
+    mp = _passport(mlabels, maff, seed=spec.seed + 1, points=scene.points, ct=mct)
     fp = scene.passport
     removed: list[int] = []
     if spec.missing_fraction > 0:
@@ -334,7 +337,9 @@ def noise_floor(
     """Two segmentations of one scan registered to each other; the truth is the identity."""
     rng = np.random.default_rng(seed)
     other_grid = GridSpec(other_labels.shape, other_affine)
-    mp = _passport(other_labels, other_affine, seed=seed + 1, points=scene.points)
+    same_grid = other_labels.shape == scene.labels.shape and np.allclose(other_affine, scene.affine, atol=1e-6)
+    mp = _passport(other_labels, other_affine, seed=seed + 1, points=scene.points,
+                   ct=scene.ct if same_grid else None)  # one scan: its CT (and body outline) on both sides
     idx = np.argwhere(body_mask(scene.labels, scene.ct))
     idx = idx[rng.choice(len(idx), min(n_points, len(idx)), replace=False)]
     x = scene.grid.index_to_world(idx.astype(np.float64))
@@ -476,7 +481,9 @@ def _timing_benchmark(scene: Scene, opts: SuiteOptions) -> dict[str, Any]:
     rng = np.random.default_rng(opts.seed + 999)
     motion = random_motion(scene.grid, rng, amplitude_mm=10.0, mask=body_mask(scene.labels, scene.ct))
     ml = resample(scene.labels, scene.affine, motion.pullback, scene.grid, labels=True)
-    mp = _passport(ml, scene.affine, seed=1, points=scene.points)
+    mct = (None if scene.ct is None
+           else resample(scene.ct, scene.affine, motion.pullback, scene.grid, fill=PADDING_HU - 1000.0))
+    mp = _passport(ml, scene.affine, seed=1, points=scene.points, ct=mct)
     out: dict[str, Any] = {
         "grid_shape": list(scene.grid.shape),
         "grid_spacing_mm": scene.grid.spacing.tolist(),
@@ -746,7 +753,9 @@ def render_report(r: dict[str, Any]) -> str:
         + (f" with CT `{r['ct']}`" if r.get("ct") else "")
         + f": grid {r['grid_shape']} at {r['grid_spacing_mm']} mm, {r['organs']} organs "
         f"({r['organs_truncated']} touch the image border); passports of up to "
-        f"{r.get('options', {}).get('points', 500)} boundary points per organ. Wall time {_f(r.get('wall_s'), 1)} s.\n"
+        f"{r.get('options', {}).get('points', 500)} boundary points per organ"
+        + (", with the body outline (skin) found in the CT" if r.get("ct") else "")
+        + f". Wall time {_f(r.get('wall_s'), 1)} s.\n"
     )
     L.append(
         "Convention: `T` maps fixed to moving (pull-back), world mm RAS+; TRE = |T(x_fixed) - x_moving| on "
@@ -1003,7 +1012,10 @@ def validate_learn2reg(
             labels = np.asarray(segment(img))  # type: ignore[misc]
         t_seg = time.perf_counter() - t0
         t1 = time.perf_counter()
-        pp = build_passport(labels, img.affine, points=points, seed=0, grid_kind="output", normals=True)
+        hu = np.asarray(img.data)
+        ct_like = hu.size > 0 and float(hu.min()) < BODY_HU - 200  # air in HU: a CT, so a body outline
+        pp = build_passport(labels, img.affine, ct=hu if ct_like else None, points=points, seed=0,
+                            grid_kind="output", normals=True, body=ct_like)
         t_pp = time.perf_counter() - t1
         cache[img_path] = (img, pp, t_seg, t_pp)
         return cache[img_path]
