@@ -54,6 +54,7 @@ def test_demo_phantom_end_to_end(tmp_path: Path, no_weights: None) -> None:
         assert s["dice_vs_phantom_truth_mean"] == pytest.approx(mean, abs=1e-3)
         assert s["labels"] >= 20 and mean > 0.1
         assert rep["passports"][role]["organs"] >= 20
+        assert rep["passports"][role]["skin_points"] > 100  # the body outline, for the deformable tier
         assert (out / f"{role}_passport.json").is_file() and (out / f"{role}_seg.nii.gz").is_file()
     err = rep["registration_error"]["tre_mm"]
     none, rigid, deform = err["no registration"], err["rigid"], err["deformable"]

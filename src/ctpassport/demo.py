@@ -360,6 +360,7 @@ def run_demo(out_dir: str | Path, *, baseline: str | Path | None = None, follow_
                                                  body=True)
                 save_passport(passports[role], tmp / f"{role}_passport.json")
         report["passports"] = {role: {"organs": len(p.organs),
+                                      "skin_points": len(p.body.boundary_points_mm) if p.body else 0,
                                       "seconds": round(clock.seconds[f"passport_{role}"], 3)}
                                for role, p in passports.items()}
 
@@ -553,7 +554,8 @@ def _html(report: dict[str, Any], pics: dict[str, Path]) -> str:
                      + "</details>")
     pp = report["passports"]
     parts += ["<h2 id='passports'>Passports</h2>",
-              _table([[r, p["organs"], f"{p['seconds']:.3f}"] for r, p in pp.items()], ["scan", "organs", "seconds"]),
+              _table([[r, p["organs"], p.get("skin_points", 0), f"{p['seconds']:.3f}"] for r, p in pp.items()],
+                     ["scan", "organs", "body outline (skin points)", "seconds"]),
               f"<img src='{_img(pics['passport_baseline'])}'><img src='{_img(pics['passport_follow_up'])}'>"]
     reg = report["registration"]
     rows = []

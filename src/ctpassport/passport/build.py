@@ -651,6 +651,22 @@ def body_grid(ct: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return sub, out
 
 
+def _slice_holes(solid: np.ndarray, axis: int) -> np.ndarray:
+    """Background voxels of ``solid`` enclosed within their slice across ``axis`` (4-connected background that
+    does not reach the slice's edge): what a per-slice hole filling adds. One labelling pass for all slices."""
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    index: list[Any] = [slice(None)] * 3
+    index[axis] = 1
+    plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
+    lab, n = ndimage.label(~solid, structure=plane)
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[0] = True  # the solid itself
+    for ax in range(3):
+        if ax != axis:  # the slice's edges: the first and last layer along the two in-slice axes
+            outside[np.take(lab, [0, lab.shape[ax] - 1], axis=ax)] = True
+    return ~outside[lab]
+
+
 def body_mask(ct: np.ndarray, affine: np.ndarray, hu: float = BODY_HU) -> np.ndarray:
     """The patient's body in a CT (``ct[i, j, k]`` in HU, nibabel order; ``affine`` voxel -> RAS+ mm).
 
@@ -666,27 +682,32 @@ def body_mask(ct: np.ndarray, affine: np.ndarray, hu: float = BODY_HU) -> np.nda
     tissue = arr > hu
     if not tissue.any():
         return tissue
-    cube = np.ones((3, 3, 3), dtype=bool)
-    lab, n = ndimage.label(ndimage.binary_opening(tissue, structure=cube), structure=cube)
+    # the opening and the dilation as 3x3x3 minimum/maximum filters (separable: twice as fast as the binary ones)
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(tissue.view(np.uint8), size=3, mode="constant"),
+                                    size=3, mode="constant")
+    lab, n = ndimage.label(opened, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return np.zeros_like(tissue)
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    mask = tissue & ndimage.binary_dilation(lab == int(np.argmax(sizes)), structure=cube)
+    largest = (lab == int(np.argmax(sizes))).view(np.uint8)
+    mask = tissue & ndimage.maximum_filter(largest, size=3, mode="constant").view(bool)
     axis = int(np.argmax(np.abs(np.asarray(affine, dtype=np.float64)[2, :3])))  # the voxel axis nearest to S-I
+    unseen = arr < PADDING_HU
+    if not unseen.any():
+        return mask | _slice_holes(mask, axis)
+    holes = _slice_holes(mask | unseen, axis)
     plane = np.zeros((3, 3, 3), dtype=bool)
     index: list[Any] = [slice(None)] * 3
     index[axis] = 1
-    plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)  # 4-connected, within a slice
-    unseen = arr < PADDING_HU
-    if not unseen.any():
-        return np.asarray(ndimage.binary_fill_holes(mask, structure=plane))
-    solid = mask | unseen
-    holes = np.asarray(ndimage.binary_fill_holes(solid, structure=plane)) & ~solid
+    plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
     hole_lab, n_holes = ndimage.label(holes, structure=plane)
     if n_holes:
-        by_pad = np.bincount(hole_lab[ndimage.binary_dilation(unseen, structure=plane) & holes], minlength=n_holes + 1)
-        by_body = np.bincount(hole_lab[ndimage.binary_dilation(mask, structure=plane) & holes], minlength=n_holes + 1)
+        def bordered_by(region: np.ndarray) -> np.ndarray:  # per hole: its voxels next to ``region``
+            near = ndimage.binary_dilation(region, structure=plane) & holes
+            return np.bincount(hole_lab[near], minlength=n_holes + 1)
+
+        by_pad, by_body = bordered_by(unseen), bordered_by(mask)
         inside = by_pad <= by_body
         inside[0] = False
         mask |= inside[hole_lab]
