@@ -518,7 +518,8 @@ def organ_point_sets(
     excl = set(exclude)
     fg, mg = passport_grid(fixed), passport_grid(moving)
     inv = rigid.inverse()
-    pairs = [(f, moving.by_id().get(f.id)) for f in fixed.organs]
+    fm = moving.by_id()
+    pairs = [(f, fm.get(f.id)) for f in fixed.organs]
     if fixed.body is not None and moving.body is not None:  # the body outline (skin) pairs like an organ
         pairs.append((fixed.body, moving.body))
     out = []
