@@ -198,3 +198,19 @@ def test_body_mask_on_the_real_ct_is_scipys_binary_morphology(example_ct: Path) 
     got = body_mask(sub, aff)
     assert np.array_equal(got, want)
     assert (got & ~tissue).any() and (tissue & ~got).any()  # gas inside filled; the table's voxels left out
+
+
+def test_show_draws_the_body_outline(tmp_path: Path) -> None:
+    """`show` draws a passport's skin points (faint, behind the organs) in the PNG and names them in the page."""
+    from ctpassport.passport.show import render_html, render_png
+
+    ct, aff = body_ct(3.0)
+    labels = np.zeros(ct.shape, dtype=np.uint8)
+    labels[20:30, 25:35, 5:15] = 5
+    p = build_passport(labels, aff, ct=ct, body=True)
+    page = render_html(p, tmp_path / "p.html").read_text(encoding="utf-8")
+    assert "body outline (skin)" in page
+    plain = render_html(build_passport(labels, aff, ct=ct), tmp_path / "q.html").read_text(encoding="utf-8")
+    assert "body outline (skin)" not in plain
+    png = render_png(p, tmp_path / "p.png", dpi=20)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

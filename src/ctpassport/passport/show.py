@@ -3,7 +3,8 @@
 The PNG (:func:`render_png`, ``FIGSIZE_IN`` x ``dpi`` pixels, 2400 x 3200 by default) holds
 
 * a 3-D organ map: boundary point clouds, centroids and the principal axes (``centroid +- sqrt(eigenvalue)
-  * eigenvector``, i.e. +-1 standard deviation), one colour per organ;
+  * eigenvector``, i.e. +-1 standard deviation), one colour per organ; the body outline's skin points (when
+  the passport has one, ``--body``) faint grey behind them, here and in the projections;
 * the organ volumes (ml) as a sorted horizontal bar chart with every organ's name;
 * the three anatomical projections of the boundary points (axial seen from the feet, coronal seen from the
   front, sagittal seen from the patient's left) in radiological convention (patient's right on the viewer's
@@ -28,6 +29,8 @@ import numpy as np
 from ..io.atomic import atomic_path
 from .schema import Organ, Passport
 
+#: Colour of the body outline's skin points (drawn faint, behind the organs).
+SKIN_COLOR = (0.55, 0.55, 0.55)
 #: Figure size of the PNG (inches); at ``dpi`` 100 the image is 2400 x 3200 pixels.
 FIGSIZE_IN = (24.0, 32.0)
 
@@ -141,6 +144,9 @@ def _draw_projection(ax: Any, passport: Passport, view: str) -> None:
 
     h, v, title, hends, vends = _VIEWS[view]
     organs = passport.organs
+    if passport.body is not None:  # the skin, faint, behind the organs
+        skin = passport.body.points_array()
+        ax.scatter(skin[:, h], skin[:, v], s=1.5, color=SKIN_COLOR, alpha=0.35, linewidths=0, rasterized=True)
     allp = [o.points_array() for o in organs]
     for o, pts in zip(organs, allp):
         if len(pts):
@@ -169,6 +175,12 @@ def _draw_projection(ax: Any, passport: Passport, view: str) -> None:
 
 def _draw_3d(ax: Any, passport: Passport) -> None:
     allp = []
+    if passport.body is not None:  # the skin, faint, behind the organs
+        skin = passport.body.points_array()
+        if len(skin):
+            ax.scatter(skin[:, 0], skin[:, 1], skin[:, 2], s=1.0, color=SKIN_COLOR, alpha=0.25, linewidths=0,
+                       depthshade=False, rasterized=True)
+            allp.append(skin)
     for o in passport.organs:
         col = organ_color(o.id)
         pts = o.points_array()
@@ -315,6 +327,12 @@ def html_figures(passport: Passport) -> list[Any]:
     from plotly.subplots import make_subplots
 
     fig3d = go.Figure()
+    if passport.body is not None:
+        skin = passport.body.points_array()
+        fig3d.add_trace(go.Scatter3d(x=skin[:, 0], y=skin[:, 1], z=skin[:, 2], mode="markers",
+                                     name="body outline (skin)",
+                                     marker={"size": 1.2, "color": _hex(SKIN_COLOR), "opacity": 0.25},
+                                     hovertext=_hover(passport.body), hoverinfo="text"))
     for o in passport.organs:
         col = _hex(organ_color(o.id))
         name = organ_label(o)
