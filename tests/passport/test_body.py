@@ -214,3 +214,31 @@ def test_show_draws_the_body_outline(tmp_path: Path) -> None:
     assert "body outline (skin)" not in plain
     png = render_png(p, tmp_path / "p.png", dpi=20)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_body_outline_json_is_one_line_and_id_clashes_are_refused(tmp_path: Path) -> None:
+    """Saved passports keep one line per organ and one for the body outline (not thousands of indented
+    numbers); a label 1000 (the outline's id) gets no outline, and a file holding both is refused."""
+    from ctpassport.passport.schema import load_passport, save_passport
+
+    ct, aff = body_ct(3.0)
+    labels = np.zeros(ct.shape, dtype=np.uint8)
+    labels[20:30, 25:35, 5:15] = 5
+    p = build_passport(labels, aff, ct=ct, body=True, normals=True)
+    text = passport_json(p)
+    body_lines = [line for line in text.splitlines() if line.lstrip().startswith('"body"')]
+    without = passport_json(p.model_copy(update={"body": None}))
+    assert len(body_lines) == 1 and len(text.splitlines()) == len(without.splitlines())  # the outline: one line
+    path = save_passport(p, tmp_path / "p.json")
+    assert load_passport(path).body == p.body
+    clash = np.where(labels > 0, 1000, 0).astype(np.uint16)
+    q = build_passport(clash, aff, ct=ct, body=True)
+    assert q.body is None and any("1000 is the body outline's id" in w for w in q.warnings)
+    raw = json.loads(passport_json(q))
+    raw["body"] = json.loads(p.body.model_dump_json())
+    with pytest.raises(InputError, match="organ id 1000 is the body outline's"):
+        validate_passport(raw, "clash.json")
+    thin = np.full(ct.shape, -1000.0, dtype=np.float32)
+    thin[10:40, 10:40, 5:7] = 40.0  # two voxels thick: the opening removes it
+    t = build_passport(labels, aff, ct=thin, body=True)
+    assert t.body is None and any("thicker than two voxels" in w for w in t.warnings)

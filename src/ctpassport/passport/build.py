@@ -607,11 +607,14 @@ def build_passport(labels: np.ndarray, affine: np.ndarray, *, ct: np.ndarray | N
         notes.append("the label map is empty (no label > 0): the passport has no organs")
         warnings.warn(notes[-1], PassportWarning, stacklevel=2)
     body_organ = None
-    if body and ct is not None:
+    if body and any(o.id == BODY_ID for o in organs):
+        notes.append(f"label {BODY_ID} is the body outline's id: the passport has no body outline")
+    elif body and ct is not None:
         t1 = time.perf_counter()
         body_organ = body_outline(ct, aff, points=BODY_POINTS_FACTOR * points, seed=seed, normals=normals)
         if body_organ is None:
-            notes.append(f"no CT voxel is above {BODY_HU:g} HU: the passport has no body outline")
+            notes.append(f"no body in the CT (nothing above {BODY_HU:g} HU thicker than two voxels): "
+                         "the passport has no body outline")
         body_s = time.perf_counter() - t1
     elif body:
         notes.append("no CT was given: the passport has no body outline")

@@ -244,6 +244,8 @@ class Passport(BaseModel):
         if self.body is not None and (self.body.id, self.body.name) != (BODY_ID, BODY_NAME):
             raise ValueError(f"body must have id {BODY_ID} and name {BODY_NAME!r} "
                              f"(found {self.body.id}, {self.body.name!r})")
+        if self.body is not None and BODY_ID in ids:
+            raise ValueError(f"organ id {BODY_ID} is the body outline's: a passport with a body has no organ {BODY_ID}")
         return self
 
     def organ(self, key: int | str) -> Organ | None:
@@ -258,11 +260,13 @@ class Passport(BaseModel):
 
 
 def passport_json(passport: Passport) -> str:
-    """The passport as JSON text: the header indented, then one organ per line (compact numbers)."""
-    head = passport.model_dump_json(indent=1, exclude={"organs"}).rstrip()
+    """The passport as JSON text: the header indented, then one organ per line and the body outline on one
+    line (compact numbers)."""
+    head = passport.model_dump_json(indent=1, exclude={"organs", "body"}).rstrip()
     organs = ",\n  ".join(o.model_dump_json() for o in passport.organs)
-    body = f' "organs": [\n  {organs}\n ]' if passport.organs else ' "organs": []'
-    return f"{head[:-1].rstrip()},\n{body}\n}}\n"
+    tail = f' "organs": [\n  {organs}\n ]' if passport.organs else ' "organs": []'
+    outline = passport.body.model_dump_json() if passport.body is not None else "null"
+    return f"{head[:-1].rstrip()},\n{tail},\n \"body\": {outline}\n}}\n"
 
 
 def save_passport(passport: Passport, path: str | Path) -> Path:
