@@ -222,9 +222,9 @@ def prepare_data(cfg: TrainConfig, ct_dir: Path, log: Callable[[str], None],
         sel = r_lab > 0 if r_mask is None else (r_lab > 0) & r_mask
         vals = np.asarray(r_img.data)[sel].astype(np.float32)
         fg.append(vals if len(vals) <= 10000 else vals[rng.choice(len(vals), 10000, replace=False)])
-    props = intensity_properties(np.concatenate(fg))  # sampled even when given: the same random stream after
-    if intensity is not None:
-        props = {k: float(v) for k, v in intensity.items()}
+    # (the voxels above are sampled even when ``intensity`` is given: the random stream after stays the same)
+    props = (intensity_properties(np.concatenate(fg)) if intensity is None
+             else {k: float(v) for k, v in intensity.items()})
     lo, hi, mean, std = props["percentile_00_5"], props["percentile_99_5"], props["mean"], props["std"]
     samples = []
     for name, source, r_img, r_lab, r_mask in raw:

@@ -654,14 +654,19 @@ def body_grid(ct: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return sub, out
 
 
-def _slice_holes(solid: np.ndarray, axis: int) -> np.ndarray:
-    """Background voxels of ``solid`` enclosed within their slice across ``axis`` (4-connected background that
-    does not reach the slice's edge): what a per-slice hole filling adds. One labelling pass for all slices."""
+def _in_slice(axis: int) -> np.ndarray:
+    """The 3x3x3 structuring element of 4-connectivity within a slice across ``axis`` (none across slices)."""
     plane = np.zeros((3, 3, 3), dtype=bool)
     index: list[Any] = [slice(None)] * 3
     index[axis] = 1
     plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
-    lab, n = ndimage.label(~solid, structure=plane)
+    return plane
+
+
+def _slice_holes(solid: np.ndarray, axis: int) -> np.ndarray:
+    """Background voxels of ``solid`` enclosed within their slice across ``axis`` (4-connected background that
+    does not reach the slice's edge): what a per-slice hole filling adds. One labelling pass for all slices."""
+    lab, n = ndimage.label(~solid, structure=_in_slice(axis))
     outside = np.zeros(n + 1, dtype=bool)
     outside[0] = True  # the solid itself
     for ax in range(3):
@@ -700,10 +705,7 @@ def body_mask(ct: np.ndarray, affine: np.ndarray, hu: float = BODY_HU) -> np.nda
     if not unseen.any():
         return mask | _slice_holes(mask, axis)
     holes = _slice_holes(mask | unseen, axis)
-    plane = np.zeros((3, 3, 3), dtype=bool)
-    index: list[Any] = [slice(None)] * 3
-    index[axis] = 1
-    plane[tuple(index)] = ndimage.generate_binary_structure(2, 1)
+    plane = _in_slice(axis)
     hole_lab, n_holes = ndimage.label(holes, structure=plane)
     if n_holes:
         def bordered_by(region: np.ndarray) -> np.ndarray:  # per hole: its voxels next to ``region``
@@ -721,8 +723,8 @@ def body_outline(ct: np.ndarray, affine: np.ndarray, *, points: int = 500, seed:
                  normals: bool = False) -> Organ | None:
     """The body outline of a CT as a passport organ record (id ``BODY_ID``, name ``body``; see
     :mod:`.schema`): :func:`body_mask` on :func:`body_grid`, its geometry, up to ``points`` skin-surface points
-    (world mm, RAS+; none on the image border) and, with ``normals``, their outward normals. None when no voxel
-    is above ``BODY_HU``."""
+    (world mm, RAS+; none on the image border) and, with ``normals``, their outward normals. None when the mask
+    is empty (nothing above ``BODY_HU``, or nothing thicker than two voxels of the strided grid)."""
     sub, sub_aff = body_grid(ct, affine)
     mask = body_mask(sub, sub_aff)
     if not mask.any():
@@ -741,7 +743,6 @@ def body_outline(ct: np.ndarray, affine: np.ndarray, *, points: int = 500, seed:
         "id": BODY_ID, "name": BODY_NAME,
         "boundary_points_mm": [tuple(r) for r in pts.tolist()],
         "boundary_normals": None if not normals or nrm is None else [tuple(r) for r in nrm.tolist()]})
-
 
 
 def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = None, points: int = 500,

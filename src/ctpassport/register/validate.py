@@ -337,9 +337,9 @@ def noise_floor(
     """Two segmentations of one scan registered to each other; the truth is the identity."""
     rng = np.random.default_rng(seed)
     other_grid = GridSpec(other_labels.shape, other_affine)
-    same_grid = other_labels.shape == scene.labels.shape and np.allclose(other_affine, scene.affine, atol=1e-6)
+    other_ct = None if scene.ct is None else onto_grid(scene.ct, scene.affine, other_labels.shape, other_affine)
     mp = _passport(other_labels, other_affine, seed=seed + 1, points=scene.points,
-                   ct=scene.ct if same_grid else None)  # one scan: its CT (and body outline) on both sides
+                   ct=other_ct)  # one scan: its CT (and body outline) on both sides
     idx = np.argwhere(body_mask(scene.labels, scene.ct))
     idx = idx[rng.choice(len(idx), min(n_points, len(idx)), replace=False)]
     x = scene.grid.index_to_world(idx.astype(np.float64))
