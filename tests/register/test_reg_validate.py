@@ -113,7 +113,7 @@ def test_learn2reg_with_a_segmenter_and_via_the_cli(scene, tmp_path) -> None:
 
 def test_validate_points_option_sets_the_passport_density(scene, tmp_path, monkeypatch) -> None:
     """`--points N` builds the registered passports with at most N boundary points per organ (Learn2Reg and the
-    suite), and the results say so."""
+    suite), `--refine-passes N` reaches both too, and the results say so."""
     import ctpassport.passport.build as build
     import ctpassport.register.validate as validate
 
@@ -128,19 +128,23 @@ def test_validate_points_option_sets_the_passport_density(scene, tmp_path, monke
 
     monkeypatch.setattr(build, "build_passport", recording_build)
     args = ["validate-registration", "--learn2reg", str(tmp_path / "task"), "--labels-dir",
-            str(tmp_path / "task" / "labelsTr"), "-o", str(tmp_path / "l2r"), "-q", "--points", "120"]
+            str(tmp_path / "task" / "labelsTr"), "-o", str(tmp_path / "l2r"), "-q", "--points", "120",
+            "--refine-passes", "2"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert seen.count(120) == 2 and set(seen) <= {120, 2 * 120}  # (a CT-like image: also its body outline)
-    assert json.loads((tmp_path / "l2r" / "results.json").read_text())["points_per_organ"] == 120
-    assert "up to 120 boundary points per organ" in (tmp_path / "l2r" / "report.md").read_text()
+    l2r = json.loads((tmp_path / "l2r" / "results.json").read_text())
+    assert l2r["points_per_organ"] == 120 and l2r["refine_passes"] == 2
+    l2r_report = (tmp_path / "l2r" / "report.md").read_text()
+    assert "up to 120 boundary points per organ" in l2r_report and "with 2 lattice refinement passes" in l2r_report
     options = []
     monkeypatch.setattr(validate, "run_suite",
                         lambda *a, **k: options.append(k["options"]) or {"summary": {}, "wall_s": 0.0})
     nib.save(nib.Nifti1Image(labels, aff), tmp_path / "seg.nii.gz")
     r = CliRunner().invoke(app, ["validate-registration", "-i", str(tmp_path / "seg.nii.gz"), "-o",
-                                 str(tmp_path / "suite"), "-q", "--points", "250"])
+                                 str(tmp_path / "suite"), "-q", "--points", "250", "--refine-passes", "3"])
     assert r.exit_code == 0 and options and options[0].points == 250, r.output
+    assert options[0].refine_passes == 3
 
 
 def test_learn2reg_pair_specific_keypoint_folders(scene, tmp_path) -> None:
@@ -229,6 +233,7 @@ def test_suite_writes_report_results_and_pictures(scene, tmp_path) -> None:
         timing_repeats=1,
         n_points=500,
         points=300,
+        refine_passes=2,
     )
     res = run_suite(tmp_path / "seg.nii.gz", tmp_path / "report", options=opts)
     names = sorted(p.name for p in (tmp_path / "report").iterdir())
@@ -242,6 +247,7 @@ def test_suite_writes_report_results_and_pictures(scene, tmp_path) -> None:
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Targets" in report and "## Synthetic recovery" in report
     assert "passports of up to 300 boundary points per organ" in report
+    assert "deformable tier with 2 lattice refinement passes" in report and res["options"]["refine_passes"] == 2
 
 
 def test_real_ct_self_registration_and_noise_floor(ct_dir) -> None:
@@ -289,7 +295,8 @@ def test_validate_bad_option_values_exit_as_bad_settings(tmp_path: Path) -> None
     """--cases / --amplitudes values are bad settings (exit 5, as the README lists), refused before any work."""
     for args, message in ((["--cases", "0"], "--cases must be >= 1, not 0"),
                           (["--amplitudes", "abc"], "--amplitudes must be numbers"),
-                          (["--amplitudes", "-5"], "non-negative")):
+                          (["--amplitudes", "-5"], "non-negative"),
+                          (["--refine-passes", "-1"], "--refine-passes must be >= 0, not -1")):
         r = CliRunner().invoke(app, ["validate-registration", "-i", str(tmp_path / "seg.nii.gz"),
                                      "-o", str(tmp_path / "o"), "-q", *args])
         assert r.exit_code == 5, (args, r.output)

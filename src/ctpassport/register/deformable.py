@@ -23,9 +23,16 @@ Method (default ``method="demons"``):
    ``n``, a small point-to-point part ``mu``) and ``(n n^T + mu I) r`` (residual ``r``), splatted
    trilinearly at its fixed position; both are smoothed with a Gaussian of width ``sigma`` (30 mm down to
    20 mm over the iterations) and the update is ``(S[T] + eps I)^-1 S[T r]`` per voxel, over-relaxed (x2)
-   where the pair density is high, and halved while it would fold the field. The working-grid field is
-   finally upsampled (trilinear, separable) to the full fixed grid; if any voxel would still fold
-   (Jacobian <= ``min_jacobian``) the total field is smoothed until none does.
+   where the pair density is high, and halved while it would fold the field.
+4. Optionally (``refine_passes``, off by default), a few more matching passes, each fitting a correction by a
+   cubic B-spline on a 30 mm control lattice over the whole working grid (:class:`LatticeSpline`) to the same
+   unsmoothed point-to-plane sums, by least squares with a small bending penalty (a few conjugate-gradient
+   iterations, :func:`lattice_step`). The Gaussian update solves each neighbourhood on its own; one fit over
+   the lattice lets surfaces of different orientation within a control cell fix part of the motion each one
+   alone cannot see (its sliding along itself). Measured on the validation suite: less TRE at large motion,
+   more at none (it also fits the label noise), at 1.2-1.5x the time (register README).
+5. The working-grid field is finally upsampled (trilinear, separable) to the full fixed grid; if any voxel
+   would still fold (Jacobian <= ``min_jacobian``) the total field is smoothed until none does.
 
 For comparison (``method=``) the same loop can fit the point-to-point pairs with a regularised least-squares
 cubic B-spline (``bspline``: ``scipy.interpolate.BSpline`` design matrices, curvature + membrane penalties,
@@ -119,6 +126,19 @@ def control_spacing_for(extent_mm: np.ndarray, control_spacing_mm: float) -> flo
     return cs
 
 
+def lattice_knots(extent_mm: np.ndarray, control_spacing_mm: float) -> list[np.ndarray]:
+    """Per axis, the knots (mm from the first voxel) of a cubic B-spline lattice covering ``extent_mm``: uniform,
+    spacing ``control_spacing_mm`` (widened by :func:`control_spacing_for` if needed, then evened out to divide
+    the extent), three extra knot intervals beyond each end."""
+    cs = control_spacing_for(extent_mm, control_spacing_mm)
+    knots = []
+    for e in np.asarray(extent_mm, dtype=np.float64):
+        m = max(1, int(np.ceil(e / cs)))
+        h = max(e / m, 1.0) if e > 0 else float(cs)
+        knots.append(h * np.arange(-3, m + 4, dtype=np.float64))
+    return knots
+
+
 class BSplineField:
     """Regularised least-squares cubic B-spline displacement on a lattice aligned with ``grid``'s axes.
 
@@ -143,13 +163,7 @@ class BSplineField:
 
         self.grid = grid
         self.spacing = grid.spacing
-        ext = (np.asarray(grid.shape) - 1) * self.spacing
-        control_spacing_mm = control_spacing_for(ext, control_spacing_mm)
-        self.knots = []
-        for e in ext:
-            m = max(1, int(np.ceil(e / control_spacing_mm)))
-            h = max(e / m, 1.0) if e > 0 else float(control_spacing_mm)
-            self.knots.append(h * np.arange(-3, m + 4, dtype=np.float64))
+        self.knots = lattice_knots((np.asarray(grid.shape) - 1) * self.spacing, control_spacing_mm)
         self.ncoef = tuple(len(t) - 4 for t in self.knots)
         xi = self._coords(points)
         b = tensor_design_matrix(xi, self.knots)
@@ -167,25 +181,15 @@ class BSplineField:
         return self.grid.world_to_index(points) * self.spacing
 
     def _penalty(self, beta: float, gamma: float) -> Any:
+        """``gamma I + sum over axes of I x (D2^T D2 + beta D1^T D1) x I`` (Kronecker products, sparse)."""
         import scipy.sparse as sp
 
         eyes = [sp.identity(n, format="csr") for n in self.ncoef]
         total = gamma * sp.identity(int(np.prod(self.ncoef)), format="csr")
         for ax, n in enumerate(self.ncoef):
-            for order, wgt in ((2, 1.0), (1, beta)):
-                if n <= order:
-                    continue
-                d = sp.diags([np.ones(n - order)], [0], shape=(n - order, n), format="csr")
-                d1 = sp.diags([-np.ones(n - 1), np.ones(n - 1)], [0, 1], shape=(n - 1, n), format="csr")
-                d = (
-                    d1
-                    if order == 1
-                    else (sp.diags([-np.ones(n - 2), np.ones(n - 2)], [0, 1], shape=(n - 2, n - 1)) @ d1)
-                )
-                mats = list(eyes)
-                mats[ax] = d
-                op = sp.kron(sp.kron(mats[0], mats[1]), mats[2], format="csr")
-                total = total + wgt * (op.T @ op)
+            mats = list(eyes)
+            mats[ax] = sp.csr_array(_difference_penalty(n, beta))
+            total = total + sp.kron(sp.kron(mats[0], mats[1]), mats[2], format="csr")
         return total
 
     def at(self, points: np.ndarray) -> np.ndarray:
@@ -463,6 +467,121 @@ def _solve_sym3(m: np.ndarray, b: np.ndarray) -> np.ndarray:
     out[..., 1] = (c01 * b[0] + c11 * b[1] + c12 * b[2]) / det
     out[..., 2] = (c02 * b[0] + c12 * b[1] + c22 * b[2]) / det
     return out
+
+
+def _difference_penalty(n: int, beta: float) -> np.ndarray:
+    """``D2^T D2 + beta D1^T D1`` for ``n`` coefficients along one axis (second and first differences)."""
+    eye = np.eye(n)
+    out = np.zeros((n, n))
+    if n > 2:
+        d2 = np.diff(eye, 2, axis=0)
+        out += d2.T @ d2
+    if n > 1:
+        d1 = np.diff(eye, 1, axis=0)
+        out += beta * (d1.T @ d1)
+    return out
+
+
+def _along(mat: np.ndarray, arr: np.ndarray, axis: int) -> np.ndarray:
+    """``mat`` applied along ``axis`` of ``arr``."""
+    return np.moveaxis(np.tensordot(mat, arr, axes=(1, axis)), 0, axis)
+
+
+class LatticeSpline:
+    """A cubic B-spline displacement on a working grid, its control points about ``spacing_mm`` apart.
+
+    Coordinates: the working grid's voxel index times its spacing (mm along the array axes, like
+    :class:`BSplineField`), so oblique grids work. Evaluation at the grid's voxels and its adjoint are separable
+    (one small dense matrix per axis). The penalty ``P`` is the sum over axes of squared second differences
+    plus ``beta`` times squared first differences of the coefficients, plus ``gamma`` times their squares.
+    """
+
+    def __init__(self, grid: GridSpec, spacing_mm: float, beta: float = 0.1, gamma: float = 1e-3):
+        from scipy.interpolate import BSpline
+
+        knots = lattice_knots((np.asarray(grid.shape, dtype=np.float64) - 1) * grid.spacing, spacing_mm)
+        self.mats = [
+            BSpline.design_matrix(np.arange(n) * float(h), t, 3, extrapolate=True).toarray()
+            for n, h, t in zip(grid.shape, grid.spacing, knots)
+        ]
+        self.ncoef = tuple(int(b.shape[1]) for b in self.mats)
+        self.pen = [_difference_penalty(n, beta) for n in self.ncoef]
+        self.gamma = float(gamma)
+        d = [np.diag(pm) for pm in self.pen]
+        self.pen_diag = self.gamma + d[0][:, None, None] + d[1][None, :, None] + d[2][None, None, :]
+
+    @property
+    def size(self) -> int:
+        """Number of control points."""
+        return int(np.prod(self.ncoef))
+
+    def evaluate(self, coef: np.ndarray) -> np.ndarray:
+        """The displacement (nx, ny, nz, 3) at the grid's voxels of coefficients (cx, cy, cz, 3)."""
+        return separable_apply(self.mats, coef)
+
+    def adjoint(self, vol: np.ndarray) -> np.ndarray:
+        """The transpose of :meth:`evaluate`: grid volume (nx, ny, nz, C) -> coefficients (cx, cy, cz, C)."""
+        out = vol
+        for ax in range(3):
+            out = _along(self.mats[ax].T, out, ax)
+        return out
+
+    def penalty(self, coef: np.ndarray) -> np.ndarray:
+        """``P coef`` (the gradient of half the penalty)."""
+        out = self.gamma * coef
+        for ax in range(3):
+            out = out + _along(self.pen[ax], coef, ax)
+        return out
+
+
+def _sym3_apply(m6: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per voxel ``M x``; ``m6`` (..., 6) = (xx, yy, zz, xy, xz, yz), ``x`` (..., 3)."""
+    a, d, f, b, c, e = (m6[..., i] for i in range(6))
+    x0, x1, x2 = x[..., 0], x[..., 1], x[..., 2]
+    return np.stack([a * x0 + b * x1 + c * x2, b * x0 + d * x1 + e * x2, c * x0 + e * x1 + f * x2], -1)
+
+
+def lattice_step(
+    spline: LatticeSpline, coef: np.ndarray, vol: np.ndarray, mu: float, n_pairs: int, alpha: float,
+    cg_iterations: int, rtol: float = 1e-3,
+) -> tuple[np.ndarray, int]:
+    """One global point-to-plane step of a :class:`LatticeSpline` correction (see :func:`fit_demons`).
+
+    ``vol`` (10, nx, ny, nz): the splatted pair sums of one matching pass (``n n^T`` upper triangle, ``(n n^T +
+    mu I) r``, pair count); ``coef``: the correction so far. Minimises over the increment ``d`` the
+    point-to-plane energy ``sum_vox v^T T v - 2 v^T b`` of ``v = spline(d)`` plus ``lam |coef + d|_P^2`` with
+    ``lam = alpha * (pairs x tensor trace) / control points``, by at most ``cg_iterations``
+    Jacobi-preconditioned conjugate-gradient iterations from ``d = 0`` (fewer once the relative residual is
+    below ``rtol``). Returns ``d`` (mm, the coefficients' array axes) and the iterations run.
+    """
+    from scipy.sparse.linalg import LinearOperator, cg
+
+    t6 = np.moveaxis(np.asarray(vol[:6], dtype=np.float64), 0, -1).copy()
+    t6[..., :3] += mu * np.asarray(vol[9], dtype=np.float64)[..., None]
+    b = np.moveaxis(np.asarray(vol[6:9], dtype=np.float64), 0, -1)
+    lam = float(alpha) * n_pairs * (1.0 + 3.0 * mu) / spline.size
+    shape = (*spline.ncoef, 3)
+    n = int(np.prod(shape))
+    count = [0]
+
+    def matvec(xf: np.ndarray) -> np.ndarray:
+        x = xf.reshape(shape)
+        return (spline.adjoint(_sym3_apply(t6, spline.evaluate(x))) + lam * spline.penalty(x)).ravel()
+
+    # Jacobi preconditioner: the diagonal of spline^T T spline (the adjoint with squared weights) + lam P
+    diag = t6[..., :3]
+    for ax in range(3):
+        diag = _along((spline.mats[ax] ** 2).T, diag, ax)
+    diag = (diag + lam * spline.pen_diag[..., None]).ravel()
+    rhs = (spline.adjoint(b) - lam * spline.penalty(coef)).ravel()
+    op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    pre = LinearOperator((n, n), matvec=lambda v: v / diag, dtype=np.float64)
+
+    def counted(_: np.ndarray) -> None:
+        count[0] += 1
+
+    d, _ = cg(op, rhs, M=pre, maxiter=int(cg_iterations), rtol=float(rtol), callback=counted)
+    return np.asarray(d).reshape(shape), count[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -827,6 +946,14 @@ DEMONS_MIN_NORMAL_COS = 0.5
 #: Each iteration, every ``DEMONS_QUERY_STRIDE``-th point of each side (a rotating phase) looks for a partner.
 DEMONS_QUERY_STRIDE = 3
 
+#: Optional global refinement after the Gaussian iterations (see :func:`fit_demons`; off by default, measured
+#: trade-off in the register README): matching passes, control spacing (mm) of the cubic B-spline correction,
+#: its regularisation ``alpha`` and the conjugate-gradient iterations per pass.
+REFINE_PASSES = 0
+REFINE_SPACING_MM = 30.0
+REFINE_ALPHA = 0.01
+REFINE_CG_ITERATIONS = 10
+
 #: Point-to-point loop schedule: (control spacing mm, regularisation alpha) per iteration.
 P2P_SCHEDULE: tuple[tuple[float, float], ...] = (
     (80.0, 0.1),
@@ -885,6 +1012,10 @@ def fit_demons(
     step_density: float = 0.05,
     backtrack: bool = True,
     min_normal_cos: float | None = DEMONS_MIN_NORMAL_COS,
+    refine_passes: int = REFINE_PASSES,
+    refine_spacing_mm: float = REFINE_SPACING_MM,
+    refine_alpha: float = REFINE_ALPHA,
+    refine_cg_iterations: int = REFINE_CG_ITERATIONS,
 ) -> DeformableFit:
     """Point-to-plane non-rigid ICP with Gaussian normalised-convolution updates (module doc, default).
 
@@ -907,6 +1038,10 @@ def fit_demons(
     * ``backtrack``: an update that would fold the working-grid field (Jacobian <= ``min_jacobian``) is halved
       until it does not (and dropped after three halvings), so the final global smoothing of
       :func:`_unfold` is a last resort, not the rule.
+    * ``refine_passes`` further passes (0, the default: none) match as above and fit a B-spline correction with control
+      points ``refine_spacing_mm`` apart over the working grid (penalty weight ``refine_alpha``, at most
+      ``refine_cg_iterations`` conjugate-gradient iterations; :func:`lattice_step`), backtracked like the
+      updates. Their time is ``seconds["refine"]``.
     """
     import scipy.sparse as sp
 
@@ -930,11 +1065,12 @@ def fit_demons(
     # the field at the queried moving points (their pre-images, for the field of view test)
     w_mq = [cg.interpolation_matrix(matcher.moving[q]) for q in phases_m]
     u_c = np.zeros((*cg.grid.shape, 3))
-    history = []
-    n_pairs = 0
-    fi = np.zeros(0, dtype=np.int64)
+    history: list[dict[str, float]] = []
     t_prep = time.perf_counter() - t0
-    for it, sigma in enumerate(sigmas):
+
+    def pair_sums(it: int, u_c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Match (the ``it``-th rotating phase of queries) at the field ``u_c``; returns the pair sums splatted
+        at the fixed points (10, cx, cy, cz), the kept pairs' fixed indices and distances."""
         qf = phases_f[it % len(phases_f)]
         pm = it % len(phases_m)
         qm = phases_m[pm]
@@ -973,6 +1109,34 @@ def fit_demons(
         )
         # channels first from here: (10, cx, cy, cz)
         vol = np.ascontiguousarray((w_ft @ (to_point @ vals)).T).reshape(10, *cg.grid.shape)
+        return vol, fi, dd
+
+    def without_folds(u_c: np.ndarray, upd: np.ndarray) -> tuple[np.ndarray, float]:
+        """``u_c + s upd`` with the largest ``s`` of 1, 1/2, 1/4, 1/8 that does not fold the working-grid field
+        (``s = 0`` if none; always 1 without ``backtrack``)."""
+        s_try = 1.0
+        cand = u_c + upd
+        while backtrack and min_cell_jacobian(cand, cg.grid) <= min_jacobian:
+            s_try *= 0.5
+            if s_try < 0.1:
+                return u_c, 0.0
+            cand = u_c + s_try * upd
+        return cand, s_try
+
+    def record(it: int, fi: np.ndarray, dd: np.ndarray, **extra: float) -> None:
+        history.append(
+            {
+                "iteration": it + 1,
+                **extra,
+                "pairs": len(fi),
+                "median_pair_distance_mm": float(np.median(dd)),
+                "mean_pair_distance_mm": float(dd.mean()),
+            }
+        )
+
+    fi = np.zeros(0, dtype=np.int64)
+    for it, sigma in enumerate(sigmas):
+        vol, fi, dd = pair_sums(it, u_c)
         acc = _smooth(vol, sigma, cg.grid.spacing)
         count = acc[9]
         # trace of the tensor: (1 + 3 mu) per pair
@@ -984,26 +1148,19 @@ def fit_demons(
         # over-relax where the data determine the update, plain step where they are sparse
         dn = density / (density + step_density * float(density.max()) + 1e-30)
         st = float(step[min(it, len(step) - 1)]) if isinstance(step, tuple) else float(step)
-        sfield = (1.0 + (st - 1.0) * dn)[..., None]
-        cand = u_c + sfield * upd
-        if backtrack:  # halve the update until the working-grid field does not fold; drop it if it still does
-            s_try = 1.0
-            while min_cell_jacobian(cand, cg.grid) <= min_jacobian:
-                s_try *= 0.5
-                if s_try < 0.1:
-                    cand = u_c
-                    break
-                cand = u_c + (s_try * sfield) * upd
-        u_c = cand
-        history.append(
-            {
-                "iteration": it + 1,
-                "sigma_mm": sigma,
-                "pairs": n_pairs,
-                "median_pair_distance_mm": float(np.median(dd)),
-                "mean_pair_distance_mm": float(dd.mean()),
-            }
-        )
+        u_c, _ = without_folds(u_c, (1.0 + (st - 1.0) * dn)[..., None] * upd)
+        record(it, fi, dd, sigma_mm=sigma)
+    t_loop = time.perf_counter()
+    if refine_passes > 0:
+        spline = LatticeSpline(cg.grid, refine_spacing_mm)
+        coef = np.zeros((*spline.ncoef, 3))
+        for p in range(refine_passes):
+            it = len(sigmas) + p
+            vol, fi, dd = pair_sums(it, u_c)
+            d, n_cg = lattice_step(spline, coef, vol, mu, len(fi), refine_alpha, refine_cg_iterations)
+            u_c, s_used = without_folds(u_c, spline.evaluate(d))
+            coef += s_used * d
+            record(it, fi, dd, control_spacing_mm=float(refine_spacing_mm), cg_iterations=n_cg)
     t1 = time.perf_counter()
     notes = []
     u_c, n_smooth = _unfold(u_c, cg.grid, min_jacobian)
@@ -1016,9 +1173,9 @@ def fit_demons(
         DisplacementField(grid, dense),
         "demons",
         organs,
-        n_pairs,
+        len(fi),
         history,
-        {"prepare": t_prep, "fit": t1 - t0 - t_prep, "dense_field": t2 - t1},
+        {"prepare": t_prep, "fit": t_loop - t0 - t_prep, "refine": t1 - t_loop, "dense_field": t2 - t1},
         notes,
     )
 

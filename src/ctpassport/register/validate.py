@@ -159,6 +159,8 @@ class Scene:
     ct: np.ndarray | None
     passport: Passport
     points: int
+    #: ``fit_demons`` options of every deformable registration of this scene (e.g. ``refine_passes``)
+    deformable: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grid(self) -> GridSpec:
@@ -273,7 +275,8 @@ def run_case(scene: Scene, spec: CaseSpec, *, n_points: int = 2000, keep_arrays:
     for tier, method in [("rigid", None)] + [("deformable", m) for m in spec.methods]:
         key = tier if method is None else f"deformable:{method}"
         try:
-            res = register_passports(fp, mp, tier, method=method or "demons", exclude=heldout)
+            res = register_passports(fp, mp, tier, method=method or "demons", exclude=heldout,
+                                     deformable_options=scene.deformable if method in (None, "demons") else None)
         except RegistrationError as exc:
             rec["tiers"][key] = {"error": str(exc)}
             continue
@@ -321,7 +324,7 @@ def self_registration(scene: Scene, n_points: int = 2000, seed: int = 0) -> dict
     x = scene.grid.index_to_world(idx.astype(np.float64))
     out: dict[str, Any] = {}
     for tier in ("rigid", "deformable"):
-        res = register_passports(scene.passport, scene.passport, tier)
+        res = register_passports(scene.passport, scene.passport, tier, deformable_options=scene.deformable)
         out[tier] = {
             "tre": tre_stats(res.transform_points(x), x),
             "timings_s": res.summary["timings_s"],
@@ -360,7 +363,7 @@ def noise_floor(
     warped_keep = None
     for tier in ("rigid", "deformable"):
         try:
-            res = register_passports(scene.passport, mp, tier)
+            res = register_passports(scene.passport, mp, tier, deformable_options=scene.deformable)
         except RegistrationError as exc:
             out[tier] = {"error": str(exc)}
             continue
@@ -450,6 +453,7 @@ class SuiteOptions:
     compare_methods: tuple[str, ...] = COMPARE_METHODS
     compare_cases: int = 2
     points: int = 500
+    refine_passes: int = 0
     n_points: int = 2000
     full_fov: bool = True
     full_fov_shape: tuple[int, int, int] = (134, 134, 237)
@@ -490,12 +494,12 @@ def _timing_benchmark(scene: Scene, opts: SuiteOptions) -> dict[str, Any]:
         "repeats": opts.timing_repeats,
     }
     for tier in ("rigid", "deformable"):
-        register_passports(scene.passport, mp, tier)  # warm-up (imports, caches)
+        register_passports(scene.passport, mp, tier, deformable_options=scene.deformable)  # warm-up (imports, caches)
         times, cpu = [], []
         parts: dict[str, list[float]] = {}
         for _ in range(opts.timing_repeats):
             t0, c0 = time.perf_counter(), time.process_time()
-            res = register_passports(scene.passport, mp, tier)
+            res = register_passports(scene.passport, mp, tier, deformable_options=scene.deformable)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
             for k, v in res.summary["timings_s"].items():
@@ -561,6 +565,7 @@ def run_suite(
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
     scene = load_scene(seg, ct, points=opts.points)
+    scene.deformable = {"refine_passes": opts.refine_passes}
     results: dict[str, Any] = {
         "kind": "ctpassport-registration-validation",
         "input": str(seg),
@@ -685,6 +690,7 @@ def run_suite(
     if opts.full_fov:
         say("full field of view (synthetic torso)")
         torso = synthetic_torso_scene(opts.full_fov_shape, opts.points)
+        torso.deformable = dict(scene.deformable)
         trecs = []
         for c in range(opts.cases):
             say(f"full field of view, case {c + 1}/{opts.cases}")
@@ -755,6 +761,8 @@ def render_report(r: dict[str, Any]) -> str:
         f"({r['organs_truncated']} touch the image border); passports of up to "
         f"{r.get('options', {}).get('points', 500)} boundary points per organ"
         + (", with the body outline (skin) found in the CT" if r.get("ct") else "")
+        + (f"; deformable tier with {n_ref} lattice refinement passes" if (n_ref := r.get("options", {}).get(
+            "refine_passes", 0)) else "")
         + f". Wall time {_f(r.get('wall_s'), 1)} s.\n"
     )
     L.append(
@@ -969,6 +977,7 @@ def validate_learn2reg(
     labels_dir: str | Path | None = None,
     method: str = "demons",
     points: int = 500,
+    refine_passes: int = 0,
     max_pairs: int | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -1055,7 +1064,8 @@ def validate_learn2reg(
         for tier in ("rigid", "deformable"):
             try:
                 t0 = time.perf_counter()
-                res = register_passports(fpp, mpp, tier, method=method)
+                res = register_passports(fpp, mpp, tier, method=method, deformable_options=(
+                    {"refine_passes": refine_passes} if method == "demons" and refine_passes else None))
                 dt = time.perf_counter() - t0
                 row[tier] = {"tre": tre_stats(res.transform_points(xf), xm), "register_s": dt}
             except RegistrationError as exc:
@@ -1087,6 +1097,7 @@ def validate_learn2reg(
             "labels": str(labels_dir) if labels_dir else "segmented",
             "method": method,
             "points_per_organ": points,
+            "refine_passes": refine_passes,
             "pairs": rows,
             "summary": summary,
         }
@@ -1094,7 +1105,8 @@ def validate_learn2reg(
     lines = [
         "# Learn2Reg validation\n",
         f"Folder `{root}`, labels: {results['labels']}, passports of up to {points} boundary points per organ, "
-        f"deformable method {method}. "
+        f"deformable method {method}" + (f" with {refine_passes} lattice refinement passes" if refine_passes
+                                          and method == "demons" else "") + ". "
         "TRE in world mm on the keypoints (fixed keypoints mapped by T vs moving keypoints).\n",
         "| fixed | moving | keypoints | identity TRE | rigid TRE | deformable TRE | segment s | passport s | "
         "rigid s | deformable s | total s |",
