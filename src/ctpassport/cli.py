@@ -527,8 +527,9 @@ def register_cmd(
                           f"{'passports' if passports else 'point lists'}, not {method!r}")
     if refine_passes < 0:
         raise ConfigError(f"--refine-passes must be >= 0, not {refine_passes}")
-    if refine_passes and (not passports or (method or "demons") != "demons"):
-        raise ConfigError("--refine-passes refines the demons fit of passports; drop it for point lists or other methods")
+    if refine_passes and (not passports or (method or "demons") != "demons" or tier != "deformable"):
+        raise ConfigError("--refine-passes refines the deformable demons fit of passports; drop it for the rigid "
+                          "tier, point lists or other methods")
     if passports:
         from .register.api import register_passports
 

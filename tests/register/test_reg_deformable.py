@@ -241,8 +241,8 @@ def test_smallest_eigenvectors_match_eigh() -> None:
 def test_demons_updates_that_would_fold_are_halved() -> None:
     """Two spheres pushed toward each other across a 6 mm gap with over-relaxed (x3) updates (ten of them):
     without backtracking (and without the lattice refinement) the field folds and needs the final global
-    smoothing; with it (the default, refinement included) every update is fold-free, no smoothing is needed
-    and the full-resolution field does not fold."""
+    smoothing; with it (the default) every update is fold-free, no smoothing is needed and the
+    full-resolution field does not fold."""
     from ctpassport.register.deformable import OrganPoints, fit_demons
 
     rng = np.random.default_rng(0)
@@ -267,6 +267,8 @@ def test_demons_updates_that_would_fold_are_halved() -> None:
     fit = fit_demons(sets, g, g, rig, **opts)
     assert not fit.notes
     assert jacobian_stats(jacobian_determinant(fit.field.data, g))["jac_min"] > 0.0
+    with pytest.raises(RegistrationError, match="lattice refinement needs refine_alpha"):
+        fit_demons(sets, g, g, rig, refine_passes=1, refine_alpha=0.0)
 
 
 def test_passport_normals_are_used_and_older_passports_still_register(scene) -> None:
@@ -414,17 +416,12 @@ def test_the_body_outline_pairs_like_an_organ_and_moves_the_skin() -> None:
     assert err_with < 0.5 * err_without
 
 
-@pytest.mark.parametrize("oblique", [False, True])
-def test_lattice_spline_adjoint_and_a_field_of_its_own_space(oblique: bool) -> None:
+def test_lattice_spline_adjoint_and_a_field_of_its_own_space() -> None:
     """The refinement's B-spline lattice: ``adjoint`` is the transpose of ``evaluate`` and the penalty is
-    symmetric (dot-product tests); ``lattice_step`` given isotropic sums (``T = w I``, ``b = w u`` at every
-    voxel) of a field ``u`` in the lattice's own space, a negligible penalty and enough iterations, returns
-    that field's coefficients (to 1e-3 of the field's size)."""
-    aff = np.diag([9.0, 8.0, 10.0, 1.0])
-    if oblique:
-        q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
-        aff[:3, :3] = q @ aff[:3, :3]
-    g = GridSpec((20, 16, 12), aff)
+    symmetric positive (dot-product tests); ``lattice_step`` given isotropic sums (``T = w I``, ``b = w u`` at
+    every voxel) of a field ``u`` in the lattice's own space, a negligible penalty and enough iterations,
+    returns that field's coefficients (to 1e-3 of the field's size)."""
+    g = GridSpec((20, 16, 12), np.diag([9.0, 8.0, 10.0, 1.0]))
     spline = LatticeSpline(g, 30.0)
     rng = np.random.default_rng(0)
     a = rng.normal(size=(*spline.ncoef, 3))
@@ -439,11 +436,45 @@ def test_lattice_spline_adjoint_and_a_field_of_its_own_space(oblique: bool) -> N
     vol[:3] = w
     vol[6:9] = np.moveaxis(w * u, -1, 0)
     d, n_it = lattice_step(spline, np.zeros_like(a), vol, mu=0.0, n_pairs=100, alpha=1e-12, cg_iterations=2000,
-                            rtol=1e-10)
+                           rtol=1e-10)
     assert n_it > 1
     assert np.abs(spline.evaluate(d) - u).max() < 1e-3 * np.abs(u).max()
-    # a pass that already has the field (coef) and no residual (b = 0) asks for no change but the penalty's
-    # pull, which alpha scales
-    vol[6:9] = 0.0
-    d0, _ = lattice_step(spline, np.zeros_like(a), vol, mu=0.0, n_pairs=100, alpha=1.0, cg_iterations=50)
-    assert np.abs(d0).max() == 0.0
+
+
+def test_lattice_step_solves_the_stated_least_squares_problem() -> None:
+    """On a tiny grid (one axis a single voxel) with random positive semi-definite point-to-plane tensors, a
+    point-to-point part ``mu``, random targets and a non-zero earlier correction ``coef``, ``lattice_step``
+    equals the dense solution of ``min_d sum_vox (v^T T v - 2 v^T b) + lam |coef + d|_P^2`` (``v = L d``,
+    ``T = S + mu count I``, ``lam = alpha pairs (1 + 3 mu) / K``), built from explicit matrices."""
+    g = GridSpec((7, 5, 1), np.diag([10.0, 12.0, 3.0, 1.0]))
+    spline = LatticeSpline(g, 25.0)
+    rng = np.random.default_rng(4)
+    nvox = int(np.prod(g.shape))
+    normals = rng.normal(size=(nvox, 4, 3))
+    tens = np.einsum("vki,vkj->vij", normals, normals)  # sums of n n^T: PSD, generic
+    count = rng.integers(1, 5, size=nvox).astype(float)
+    mu, alpha, pairs = 0.05, 0.3, 50
+    t_full = tens + mu * count[:, None, None] * np.eye(3)
+    b = rng.normal(size=(nvox, 3))
+    vol = np.zeros((10, nvox))
+    vol[0], vol[1], vol[2] = tens[:, 0, 0], tens[:, 1, 1], tens[:, 2, 2]
+    vol[3], vol[4], vol[5] = tens[:, 0, 1], tens[:, 0, 2], tens[:, 1, 2]
+    vol[6:9] = b.T
+    vol[9] = count
+    vol = vol.reshape(10, *g.shape)
+    coef = rng.normal(size=(*spline.ncoef, 3))
+    k = spline.size
+    # explicit matrices: L (voxels x control points), P (control points), both per component
+    basis = np.stack([spline.evaluate(np.eye(k)[i].reshape(*spline.ncoef, 1)).reshape(-1) for i in range(k)], 1)
+    pen = np.stack([spline.penalty(np.eye(k)[i].reshape(*spline.ncoef, 1)).reshape(-1) for i in range(k)], 1)
+    lam = alpha * pairs * (1 + 3 * mu) / k
+    big_l = np.kron(basis, np.eye(3))  # (vox*3, k*3), component fastest: matches (..., 3) arrays
+    big_t = np.zeros((3 * nvox, 3 * nvox))
+    for i in range(nvox):
+        big_t[3 * i : 3 * i + 3, 3 * i : 3 * i + 3] = t_full[i]
+    big_p = np.kron(pen, np.eye(3))
+    lhs = big_l.T @ big_t @ big_l + lam * big_p
+    rhs = big_l.T @ b.reshape(-1) - lam * big_p @ coef.reshape(-1)
+    expected = np.linalg.solve(lhs, rhs).reshape(*spline.ncoef, 3)
+    d, _ = lattice_step(spline, coef, vol, mu=mu, n_pairs=pairs, alpha=alpha, cg_iterations=500, rtol=1e-12)
+    np.testing.assert_allclose(d, expected, atol=1e-8 * np.abs(expected).max())

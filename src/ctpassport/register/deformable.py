@@ -1050,6 +1050,10 @@ def fit_demons(
         raise RegistrationError(
             "no organ has usable boundary points in both passports for the deformable tier"
         )
+    if refine_passes > 0 and not (refine_alpha > 0 and refine_spacing_mm > 0 and refine_cg_iterations > 0):
+        raise RegistrationError(
+            "the lattice refinement needs refine_alpha, refine_spacing_mm and refine_cg_iterations > 0"
+        )
     floor = float(floor_mm) if floor_mm is not None else float(max(grid.spacing))
     extent = np.asarray(grid.shape, dtype=np.float64) * grid.spacing
     spacing = max(float(work_spacing_mm), float(np.prod(extent) / max_work_voxels) ** (1.0 / 3.0))
@@ -1175,7 +1179,8 @@ def fit_demons(
         organs,
         len(fi),
         history,
-        {"prepare": t_prep, "fit": t_loop - t0 - t_prep, "refine": t1 - t_loop, "dense_field": t2 - t1},
+        {"prepare": t_prep, "fit": t_loop - t0 - t_prep, **({"refine": t1 - t_loop} if refine_passes > 0 else {}),
+         "dense_field": t2 - t1},
         notes,
     )
 

@@ -1097,7 +1097,7 @@ def validate_learn2reg(
             "labels": str(labels_dir) if labels_dir else "segmented",
             "method": method,
             "points_per_organ": points,
-            "refine_passes": refine_passes,
+            "refine_passes": refine_passes if method == "demons" else 0,
             "pairs": rows,
             "summary": summary,
         }
