@@ -534,9 +534,10 @@ class LatticeSpline:
         return out
 
 
-def _sym3_apply(m6: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Per voxel ``M x``; ``m6`` (..., 6) = (xx, yy, zz, xy, xz, yz), ``x`` (..., 3)."""
-    a, d, f, b, c, e = (m6[..., i] for i in range(6))
+def _sym3_apply(m: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per voxel ``M x``; channels first like :func:`_solve_sym3`: ``m`` (6, ...) = (xx, yy, zz, xy, xz, yz);
+    ``x`` with the components last (..., 3), as is the result."""
+    a, d, f, b, c, e = m
     x0, x1, x2 = x[..., 0], x[..., 1], x[..., 2]
     return np.stack([a * x0 + b * x1 + c * x2, b * x0 + d * x1 + e * x2, c * x0 + e * x1 + f * x2], -1)
 
@@ -556,8 +557,8 @@ def lattice_step(
     """
     from scipy.sparse.linalg import LinearOperator, cg
 
-    t6 = np.moveaxis(np.asarray(vol[:6], dtype=np.float64), 0, -1).copy()
-    t6[..., :3] += mu * np.asarray(vol[9], dtype=np.float64)[..., None]
+    t6 = np.array(vol[:6], dtype=np.float64)  # channels first, as _sym3_apply takes them
+    t6[:3] += mu * np.asarray(vol[9], dtype=np.float64)
     b = np.moveaxis(np.asarray(vol[6:9], dtype=np.float64), 0, -1)
     lam = float(alpha) * n_pairs * (1.0 + 3.0 * mu) / spline.size
     shape = (*spline.ncoef, 3)
@@ -569,7 +570,7 @@ def lattice_step(
         return (spline.adjoint(_sym3_apply(t6, spline.evaluate(x))) + lam * spline.penalty(x)).ravel()
 
     # Jacobi preconditioner: the diagonal of spline^T T spline (the adjoint with squared weights) + lam P
-    diag = t6[..., :3]
+    diag = np.moveaxis(t6[:3], 0, -1)
     for ax in range(3):
         diag = _along((spline.mats[ax] ** 2).T, diag, ax)
     diag = (diag + lam * spline.pen_diag[..., None]).ravel()

@@ -1002,6 +1002,7 @@ def validate_learn2reg(
     if max_pairs is not None and max_pairs < 1:
         raise ConfigError(f"--max-pairs must be >= 1, not {max_pairs}")
     pairs = learn2reg_pairs(root)
+    refine = refine_passes if method == "demons" else 0  # (the point-to-point fits have no refinement)
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
     cache: dict[Path, tuple[Image3D, Passport, float, float]] = {}
@@ -1065,7 +1066,7 @@ def validate_learn2reg(
             try:
                 t0 = time.perf_counter()
                 res = register_passports(fpp, mpp, tier, method=method, deformable_options=(
-                    {"refine_passes": refine_passes} if method == "demons" and refine_passes else None))
+                    {"refine_passes": refine} if refine else None))
                 dt = time.perf_counter() - t0
                 row[tier] = {"tre": tre_stats(res.transform_points(xf), xm), "register_s": dt}
             except RegistrationError as exc:
@@ -1097,7 +1098,7 @@ def validate_learn2reg(
             "labels": str(labels_dir) if labels_dir else "segmented",
             "method": method,
             "points_per_organ": points,
-            "refine_passes": refine_passes if method == "demons" else 0,
+            "refine_passes": refine,
             "pairs": rows,
             "summary": summary,
         }
@@ -1105,8 +1106,7 @@ def validate_learn2reg(
     lines = [
         "# Learn2Reg validation\n",
         f"Folder `{root}`, labels: {results['labels']}, passports of up to {points} boundary points per organ, "
-        f"deformable method {method}" + (f" with {refine_passes} lattice refinement passes" if refine_passes
-                                          and method == "demons" else "") + ". "
+        f"deformable method {method}" + (f" with {refine} lattice refinement passes" if refine else "") + ". "
         "TRE in world mm on the keypoints (fixed keypoints mapped by T vs moving keypoints).\n",
         "| fixed | moving | keypoints | identity TRE | rigid TRE | deformable TRE | segment s | passport s | "
         "rigid s | deformable s | total s |",
