@@ -242,7 +242,7 @@ def test_demons_updates_that_would_fold_are_halved() -> None:
     """Two spheres pushed toward each other across a 6 mm gap with over-relaxed (x3) updates (ten of them):
     without backtracking (and without the lattice refinement) the field folds and needs the final global
     smoothing; with it (the default) every update is fold-free, no smoothing is needed and the
-    full-resolution field does not fold."""
+    full-resolution field does not fold. The same for the lattice refinement's passes."""
     from ctpassport.register.deformable import OrganPoints, fit_demons
 
     rng = np.random.default_rng(0)
@@ -269,6 +269,17 @@ def test_demons_updates_that_would_fold_are_halved() -> None:
     assert jacobian_stats(jacobian_determinant(fit.field.data, g))["jac_min"] > 0.0
     with pytest.raises(RegistrationError, match="lattice refinement needs refine_alpha"):
         fit_demons(sets, g, g, rig, refine_passes=1, refine_alpha=0.0)
+    # the lattice refinement backtracks the same way: a 15 mm lattice fitted after one Gaussian update
+    # would fold the field between the spheres; its passes are halved (the step taken is recorded) or
+    # dropped, and again no smoothing is needed
+    ref = {"work_spacing_mm": 6.0, "sigmas": (30.0,), "refine_passes": 4, "refine_spacing_mm": 15.0,
+           "refine_cg_iterations": 40}
+    assert fit_demons(sets, g, g, rig, backtrack=False, **ref).notes
+    fit = fit_demons(sets, g, g, rig, **ref)
+    steps = [h["step"] for h in fit.iterations if "step" in h]
+    assert len(steps) == 4 and min(steps) < 1.0, steps
+    assert not fit.notes
+    assert jacobian_stats(jacobian_determinant(fit.field.data, g))["jac_min"] > 0.0
 
 
 def test_passport_normals_are_used_and_older_passports_still_register(scene) -> None:

@@ -1042,7 +1042,8 @@ def fit_demons(
     * ``refine_passes`` further passes (0, the default: none) match as above and fit a B-spline correction with control
       points ``refine_spacing_mm`` apart over the working grid (penalty weight ``refine_alpha``, at most
       ``refine_cg_iterations`` conjugate-gradient iterations; :func:`lattice_step`), backtracked like the
-      updates. Their time is ``seconds["refine"]``.
+      updates (each pass's ``iterations`` entry records the ``step`` taken: 1, a halving, or 0 if dropped).
+      Their time is ``seconds["refine"]``.
     """
     import scipy.sparse as sp
 
@@ -1165,7 +1166,7 @@ def fit_demons(
             d, n_cg = lattice_step(spline, coef, vol, mu, len(fi), refine_alpha, refine_cg_iterations)
             u_c, s_used = without_folds(u_c, spline.evaluate(d))
             coef += s_used * d
-            record(it, fi, dd, control_spacing_mm=float(refine_spacing_mm), cg_iterations=n_cg)
+            record(it, fi, dd, control_spacing_mm=float(refine_spacing_mm), cg_iterations=n_cg, step=s_used)
     t1 = time.perf_counter()
     notes = []
     u_c, n_smooth = _unfold(u_c, cg.grid, min_jacobian)
