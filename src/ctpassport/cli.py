@@ -387,7 +387,8 @@ def classes_cmd() -> None:
 def passport_cmd(
     input: Annotated[Path, typer.Option("-i", "--input", help="Label map (NIfTI, integer ids), e.g. TotalSegmentator --ml output.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Passport JSON to write.")],
-    ct: Annotated[Path | None, typer.Option("--ct", help="CT on the label map's grid: adds mean/std HU per organ.")] = None,
+    ct: Annotated[Path | None, typer.Option("--ct", help="CT on the label map's grid (NIfTI, DICOM folder or zip): adds mean/std HU per organ.")] = None,
+    series_uid: Annotated[str | None, typer.Option("--series-uid", help="DICOM series of --ct (default: the largest CT series).")] = None,
     points: Annotated[int, typer.Option("--points", min=0, max=10_000_000, help="Boundary points per organ (at most).")] = 500,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the boundary point sampling.")] = 0,
     normals: Annotated[bool, typer.Option("--normals", help="Store outward normals at the boundary points (more accurate registration, larger JSON).")] = False,
@@ -407,9 +408,14 @@ def passport_cmd(
         from .errors import ConfigError
 
         raise ConfigError("--body needs --ct (the body outline is found in the CT)")
+    if series_uid is not None and ct is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--series-uid names the DICOM series of --ct: give --ct")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PassportWarning)  # reported below from passport.warnings
-        p = passport_from_file(input, ct_path=ct, points=points, seed=seed, normals=normals, body=body)
+        p = passport_from_file(input, ct_path=ct, points=points, seed=seed, normals=normals, body=body,
+                               series_uid=series_uid)
     save_passport(p, output)
     for w in p.warnings:
         _warn(f"{input}: {w}")

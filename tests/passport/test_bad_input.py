@@ -90,6 +90,32 @@ def test_ct_stored_in_another_axis_order_is_reordered_onto_the_labels(tmp_path: 
     assert a["hu_mean"] == pytest.approx(float(hu[lab == 5].mean()), abs=0.01) and a["hu_mean"] == b["hu_mean"]
 
 
+def test_ct_as_a_dicom_series(tmp_path: Path) -> None:
+    """``--ct`` takes the CT as a DICOM folder or zip too (as ``segment`` and ``store add`` do): the same HU
+    per organ as with the NIfTI copy, and the passport records the series' identity hash."""
+    import shutil
+
+    from ctpassport.io.dicom_write import write_dicom_series
+    from ctpassport.io.load import source_sha256
+
+    lab = _good_labels()
+    hu = np.random.default_rng(1).integers(-100, 200, lab.shape).astype(np.int16)
+    seg = _save(tmp_path / "seg.nii.gz", lab)
+    write_dicom_series(hu, np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "ct")
+    zipped = Path(shutil.make_archive(str(tmp_path / "ct_zip"), "zip", tmp_path / "ct"))
+    for ct in (tmp_path / "ct", zipped):
+        out = tmp_path / f"{ct.name}.json"
+        res = runner.invoke(app, ["passport", "-i", str(seg), "-o", str(out), "--ct", str(ct), "-q"])
+        assert res.exit_code == 0, res.output
+        doc = json.loads(out.read_text())
+        assert doc["organs"][0]["hu_mean"] == pytest.approx(float(hu[lab == 5].mean()), abs=0.01)
+        assert doc["source"]["ct_sha256"] == source_sha256(ct)
+    out = tmp_path / "p.json"
+    _run_fails(["passport", "-i", str(seg), "-o", str(out), "--series-uid", "1.2.3"], out, 5, "--series-uid", "--ct")
+    _run_fails(["passport", "-i", str(seg), "-o", str(out), "--ct", str(tmp_path / "ct"), "--series-uid", "1.2.3"],
+               out, 2, "1.2.3")
+
+
 def test_bad_arrays_in_the_api() -> None:
     with pytest.raises(InputError, match="float"):
         build_passport(np.zeros((4, 4, 4), dtype=np.float64), np.eye(4))

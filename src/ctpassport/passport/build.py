@@ -644,13 +644,22 @@ BODY_POINTS_FACTOR = 2
 
 def body_grid(ct: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The CT (HU, ``ct[i, j, k]`` in nibabel order) taken every ``s``-th voxel along each axis (``s`` the largest
-    integer with ``s * spacing <= BODY_GRID_MM``, at least 1) and that grid's voxel -> RAS+ (mm) affine."""
+    integer with ``s * spacing <= BODY_GRID_MM``, at least 1) and that grid's voxel -> RAS+ (mm) affine.
+
+    The kept voxels are counted from the R, A and S ends of the axes they are closest to (the first voxel
+    of a RAS+ copy of the image), so the same CT stored in another voxel order keeps the same world voxels."""
+    import nibabel as nib
+
     aff = np.asarray(affine, dtype=np.float64)
     spacing = spacing_from_affine(aff)
     step = [max(1, int(BODY_GRID_MM // float(v) + 1e-9)) for v in spacing]
-    sub = np.asanyarray(ct)[::step[0], ::step[1], ::step[2]]
+    arr = np.asanyarray(ct)
+    flipped = nib.orientations.io_orientation(aff)[:, 1] < 0  # axis a runs toward L, P or I
+    start = [(n - 1) % s if f else 0 for n, s, f in zip(arr.shape, step, flipped)]
+    sub = arr[start[0]::step[0], start[1]::step[1], start[2]::step[2]]
     out = aff.copy()
     out[:3, :3] = aff[:3, :3] * np.asarray(step, dtype=np.float64)[None, :]
+    out[:3, 3] = aff[:3, :3] @ np.asarray(start, dtype=np.float64) + aff[:3, 3]
     return sub, out
 
 
@@ -746,16 +755,21 @@ def body_outline(ct: np.ndarray, affine: np.ndarray, *, points: int = 500, seed:
 
 
 def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = None, points: int = 500,
-                       seed: int = 0, normals: bool = False, body: bool = False) -> Passport:
+                       seed: int = 0, normals: bool = False, body: bool = False,
+                       series_uid: str | None = None) -> Passport:
     """The passport of a label map file (NIfTI), with the SHA-256 of the files it was made from.
 
     ``seg_path``: an integer, non-negative 3-D label map (TotalSegmentator's or ctpassport's output, any
-    orientation); ``ct_path``: optional CT (HU) on the same grid, for ``hu_mean`` / ``hu_std``. The
+    orientation); ``ct_path``: optional CT (HU) on the same grid, for ``hu_mean`` / ``hu_std``: a NIfTI file,
+    a DICOM folder or a zip of one (the largest CT series, or ``series_uid``; its hash as
+    :func:`ctpassport.io.load.source_sha256`), in any voxel order. The
     passport's grid is the label map's own (``kind="output"``); coordinates are world mm, RAS+. ``normals``:
     store the boundary points' outward normals, ``body``: the CT's body outline (see :func:`build_passport`).
     Raises :class:`InputError` (one line naming the file) for unreadable, non-integer, negative, 4-D
     label maps and for a CT on another grid.
     """
+    from ..io.load import load_ct, source_sha256
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     seg = read_image(seg_path, kind="label map")
@@ -768,7 +782,7 @@ def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = Non
     labels = check_label_array(seg.data, seg_path)
     ct = None
     if ct_path is not None:
-        ct_img = read_image(ct_path, kind="CT")
+        ct_img = load_ct(ct_path, series_uid)
         ct = onto_grid(ct_img.data, ct_img.affine, seg.shape, seg.affine)  # stored in another order: reordered
         if ct is None:
             raise InputError(f"is not on the label map's grid (shape {ct_img.shape}, {''.join(axcodes(ct_img.affine))}, "
@@ -778,7 +792,7 @@ def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = Non
     t1 = time.perf_counter()
     source = Source(path=str(Path(seg_path)), sha256=_sha256(Path(seg_path)),
                     ct_path=str(Path(ct_path)) if ct_path is not None else None,
-                    ct_sha256=_sha256(Path(ct_path)) if ct_path is not None else None)
+                    ct_sha256=source_sha256(ct_path, series_uid) if ct_path is not None else None)
     timings["hash"] = time.perf_counter() - t1
     return build_passport(labels, seg.affine, ct=ct, points=points, seed=seed, grid_kind="output", source=source,
                           timings=timings, normals=normals, body=body)
