@@ -385,7 +385,7 @@ def classes_cmd() -> None:
 @app.command("passport")
 @handle_errors
 def passport_cmd(
-    input: Annotated[Path, typer.Option("-i", "--input", help="Label map (NIfTI, integer ids), e.g. TotalSegmentator --ml output.")],
+    input: Annotated[Path, typer.Option("-i", "--input", help="Label map (NIfTI, integer ids), e.g. TotalSegmentator --ml output; or a DICOM SEG with its --ct series.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Passport JSON to write.")],
     ct: Annotated[Path | None, typer.Option("--ct", help="CT on the label map's grid (NIfTI, DICOM folder or zip): adds mean/std HU per organ.")] = None,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="DICOM series of --ct (default: the largest CT series).")] = None,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from ctpassport.cli import app
 from ctpassport.errors import CTPassportError, InputError
 from ctpassport.io.dicom import LPS_TO_RAS, DicomImage3D
-from ctpassport.io.dicom_seg import read_dicom_seg, snomed_table, snomed_table_from_csv, write_dicom_seg
+from ctpassport.io.dicom_seg import dicom_seg_labels, read_dicom_seg, snomed_table, snomed_table_from_csv, write_dicom_seg
 from ctpassport.io.dicom_write import SeriesTags, write_dicom_series
 from ctpassport.io.load import load_ct
 from ctpassport.io.nifti import read_image
@@ -32,22 +32,9 @@ def dicom_ct(tmp_path: Path, ct_dir: Path) -> DicomImage3D:
 
 
 def seg_on_grid(path: Path, image: DicomImage3D) -> np.ndarray:
-    """The SEG's segments as TotalSegmentator class ids on ``image``'s grid (checks the grids coincide)."""
-    seg, names = read_dicom_seg(path)
-    vol = seg.get_volume(combine_segments=True, relabel=False)
-    ours_lps = LPS_TO_RAS @ image.affine
-    m = np.linalg.solve(ours_lps, np.asarray(vol.affine))  # SEG voxel -> our voxel
-    np.testing.assert_allclose(m[:3, :3], np.round(m[:3, :3]), atol=1e-4)
-    np.testing.assert_allclose(m[:3, 3], np.round(m[:3, 3]), atol=1e-3)
-    out = np.zeros(image.shape, dtype=np.uint8)
-    arr = np.asarray(vol.array)
-    idx = np.argwhere(arr > 0)
-    ours = np.round(idx @ m[:3, :3].T + m[:3, 3]).astype(int)
-    to_id = np.zeros(max(names) + 1, dtype=np.uint8)
-    for number, label in names.items():
-        to_id[number] = NAME_TO_ID[label]
-    out[tuple(ours.T)] = to_id[arr[tuple(idx.T)]]
-    return out
+    """The SEG's segments as TotalSegmentator class ids on ``image``'s grid (the reader checks the grids
+    coincide): what the round-trip tests compare with the label map written."""
+    return dicom_seg_labels(path, image)
 
 
 def test_seg_of_real_labels_roundtrips(dicom_ct: DicomImage3D, ct_dir: Path, tmp_path: Path) -> None:
@@ -305,3 +292,57 @@ def test_cli_series_choice_and_class_subset_reach_the_passport(dicom_ct: DicomIm
     _, names = read_dicom_seg(tmp_path / "s.dcm")
     organs = {o["name"] for o in json.loads(p_seg.read_text())["organs"]}
     assert organs and organs <= {"liver", "spleen"} and set(names.values()) <= {"liver", "spleen"}
+
+
+def test_passport_of_a_dicom_seg_with_its_ct(dicom_ct: DicomImage3D, ct_dir: Path, tmp_path: Path) -> None:
+    """``passport -i seg.dcm --ct ct_dir``: the SEG placed on its CT's grid gives the passport of the label map it
+    was written from (same organs, volumes, centroids, HU); without the CT, with another CT, or with segment
+    labels that are not class names: one line, exit 2, nothing written."""
+    import pydicom
+
+    nifti = ct_dir / "example_seg_fast.nii.gz"
+    labels = read_image(nifti).data.astype(np.uint8)
+    seg = write_dicom_seg(labels, dicom_ct, TOTAL_CLASSES, tmp_path / "seg.dcm")
+    runner = CliRunner()
+    for name, args in (("from_seg", ["-i", str(seg)]), ("from_nifti", ["-i", str(nifti)])):
+        r = runner.invoke(app, ["passport", *args, "--ct", str(tmp_path / "ct"), "-o", str(tmp_path / f"{name}.json"),
+                                "--points", "50", "-q"])
+        assert r.exit_code == 0, r.output
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("from_seg", "from_nifti"))
+    assert [o["id"] for o in a["organs"]] == [o["id"] for o in b["organs"]] and len(a["organs"]) > 20
+    for oa, ob in zip(a["organs"], b["organs"]):
+        assert oa["volume_mm3"] == pytest.approx(ob["volume_mm3"], rel=1e-9)
+        np.testing.assert_allclose(oa["centroid_mm"], ob["centroid_mm"], atol=1e-3)
+        assert oa["hu_mean"] == pytest.approx(ob["hu_mean"], abs=1e-3) and oa["truncated"] == ob["truncated"]
+
+    def fails(args: list[str], *words: str) -> None:
+        out = tmp_path / "bad.json"
+        r = runner.invoke(app, ["passport", *args, "-o", str(out)])
+        err = r.stderr.strip()
+        assert r.exit_code == 2 and len(err.splitlines()) == 1 and not out.exists(), r.output
+        assert all(w in err for w in words), err
+
+    fails(["-i", str(seg)], "seg.dcm", "DICOM SEG", "--ct")
+    other = load_ct(tmp_path / "ct")
+    write_dicom_series(other.data[:, :, 5:], other.affine @ _shift(0, 0, 5.5), tmp_path / "other",
+                       SeriesTags(uid_seed="other"))
+    fails(["-i", str(seg), "--ct", str(tmp_path / "other")], "seg.dcm", "CT")
+    ds = pydicom.dcmread(seg)
+    ds.SegmentSequence[0].SegmentLabel = "Tumour"
+    ds.save_as(tmp_path / "renamed.dcm")
+    fails(["-i", str(tmp_path / "renamed.dcm"), "--ct", str(tmp_path / "ct")], "renamed.dcm", "Tumour",
+          "class names")
+
+
+def _shift(i: float, j: float, k: float) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, 3] = (i, j, k)
+    return out
+
+
+def test_segment_labels_other_tools_write() -> None:
+    from ctpassport.io.dicom_seg import _class_id
+
+    assert _class_id("kidney_left") == NAME_TO_ID["kidney_left"] == _class_id("Kidney Left")
+    assert _class_id("Vertebrae L1") == NAME_TO_ID["vertebrae_L1"] == _class_id("vertebrae-l1")
+    assert _class_id("Tumour") is None

@@ -1,4 +1,4 @@
-"""DICOM SEG output through highdicom, like TotalSegmentator's ``--output_type dicom_seg``.
+"""DICOM SEG output (and reading it back) through highdicom, like TotalSegmentator's ``--output_type dicom_seg``.
 
 One segment per class present in the label map, named with TotalSegmentator's class name and coded with
 the SNOMED CT codes, laterality modifiers and display colours of TotalSegmentator's own mapping table
@@ -189,6 +189,77 @@ def read_dicom_seg(path: str | Path) -> tuple[Any, dict[int, str]]:
     seg = hd.seg.segread(str(path))
     names = {int(d.SegmentNumber): str(d.SegmentLabel) for d in seg.SegmentSequence}
     return seg, names
+
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def is_dicom_seg(path: str | Path) -> bool:
+    """True when ``path`` is a DICOM file of the Segmentation Storage SOP class (header only)."""
+    import pydicom
+
+    from .dicom import is_dicom_file
+
+    if not is_dicom_file(path):
+        return False
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001  (unreadable: not a SEG this function can vouch for)
+        return False
+    return str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS
+
+
+def _class_id(label: str) -> int | None:
+    """TotalSegmentator's id of a segment label (its class name; case, spaces and dashes as written by other
+    tools, e.g. "Kidney Left", are accepted)."""
+    from ..model.classes import NAME_TO_ID
+
+    if label in NAME_TO_ID:
+        return NAME_TO_ID[label]
+    folded = {name.lower(): idx for name, idx in NAME_TO_ID.items()}
+    return folded.get(label.strip().lower().replace(" ", "_").replace("-", "_"))
+
+
+def dicom_seg_labels(path: str | Path, image: Any) -> np.ndarray:
+    """A DICOM SEG's segments as a TotalSegmentator label map on ``image``'s grid (``[column, row, slice]``,
+    the CT series the SEG was made from; :func:`ctpassport.io.load.load_ct`).
+
+    A SEG stores only the frames that hold a segment, so the CT gives the full grid. Segment labels must be
+    TotalSegmentator class names (as ``segment --output-type dicom_seg`` and TotalSegmentator write them).
+    Raises :class:`InputError` naming ``path`` for a SEG that cannot be read, whose segments overlap, whose
+    labels are not class names, or whose frames do not lie on the CT's voxels.
+    """
+    try:
+        seg, names = read_dicom_seg(path)
+    except Exception as exc:  # noqa: BLE001  (pydicom/highdicom raise many types)
+        raise InputError(f"cannot read the DICOM SEG ({str(exc).splitlines()[0][:200]})", path) from None
+    unknown = sorted(label for label in names.values() if _class_id(label) is None)
+    if unknown:
+        raise InputError(f"segment labels that are not TotalSegmentator class names: {', '.join(unknown[:5])}"
+                         + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""), path,
+                         "see `ctpassport classes`; or convert the SEG to a NIfTI label map of class ids")
+    try:
+        vol = seg.get_volume(combine_segments=True, relabel=False)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot place the SEG's frames in a volume ({str(exc).splitlines()[0][:200]})",
+                         path) from None
+    ours_lps = LPS_TO_RAS @ np.asarray(image.affine, dtype=np.float64)
+    m = np.linalg.solve(ours_lps, np.asarray(vol.affine, dtype=np.float64))  # SEG voxel -> our voxel
+    if not (np.allclose(m[:3, :3], np.round(m[:3, :3]), atol=1e-3) and np.allclose(m[:3, 3], np.round(m[:3, 3]),
+                                                                                     atol=1e-2)):
+        raise InputError("its frames do not lie on the voxels of the CT given with it", path,
+                         "pass the CT series the SEG was made from")
+    arr = np.asarray(vol.array)
+    idx = np.argwhere(arr > 0)
+    ours = np.rint(idx @ m[:3, :3].T + m[:3, 3]).astype(np.intp)
+    if len(ours) and (ours.min() < 0 or np.any(ours.max(0) >= np.asarray(image.shape))):
+        raise InputError("it reaches outside the CT given with it", path, "pass the CT series the SEG was made from")
+    to_id = np.zeros(max(names) + 1, dtype=np.uint8)
+    for number, label in names.items():
+        to_id[number] = _class_id(label) or 0
+    out = np.zeros(image.shape, dtype=np.uint8)
+    out[tuple(ours.T)] = to_id[arr[tuple(idx.T)]]
+    return out
 
 
 def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str | Path, *,

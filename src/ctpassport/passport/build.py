@@ -757,12 +757,15 @@ def body_outline(ct: np.ndarray, affine: np.ndarray, *, points: int = 500, seed:
 def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = None, points: int = 500,
                        seed: int = 0, normals: bool = False, body: bool = False,
                        series_uid: str | None = None) -> Passport:
-    """The passport of a label map file (NIfTI), with the SHA-256 of the files it was made from.
+    """The passport of a label map file (NIfTI, or a DICOM SEG with its CT), with the SHA-256 of the files it was
+    made from.
 
     ``seg_path``: an integer, non-negative 3-D label map (TotalSegmentator's or ctpassport's output, any
-    orientation); ``ct_path``: optional CT (HU) on the same grid, for ``hu_mean`` / ``hu_std``: a NIfTI file,
-    a DICOM folder or a zip of one (the largest CT series, or ``series_uid``; its hash as
-    :func:`ctpassport.io.load.source_sha256`), in any voxel order. The
+    orientation), or a DICOM SEG whose segment labels are TotalSegmentator class names (``segment
+    --output-type dicom_seg``'s); a SEG needs ``ct_path``, the DICOM series it was made from, whose grid the
+    passport then takes (:func:`ctpassport.io.dicom_seg.dicom_seg_labels`); ``ct_path``: optional CT (HU)
+    on the same grid, for ``hu_mean`` / ``hu_std``: a NIfTI file, a DICOM folder or a zip of one (the largest
+    CT series, or ``series_uid``; its hash as :func:`ctpassport.io.load.source_sha256`), in any voxel order. The
     passport's grid is the label map's own (``kind="output"``); coordinates are world mm, RAS+. ``normals``:
     store the boundary points' outward normals, ``body``: the CT's body outline (see :func:`build_passport`).
     Raises :class:`InputError` (one line naming the file) for unreadable, non-integer, negative, 4-D
@@ -770,8 +773,36 @@ def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = Non
     """
     from ..io.load import load_ct, source_sha256
 
+    from ..io.dicom_seg import dicom_seg_labels, is_dicom_seg
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    if is_dicom_seg(seg_path):  # a SEG holds only its segments' frames: the CT gives the grid
+        if ct_path is None:
+            raise InputError("is a DICOM SEG, which holds only the frames with segments", seg_path,
+                             "give --ct, the DICOM series it was made from, to place it on that grid")
+        ct_img = load_ct(ct_path, series_uid)
+        labels = dicom_seg_labels(seg_path, ct_img)
+        affine = np.asarray(ct_img.affine, dtype=np.float64)
+        ct = np.asarray(ct_img.data)
+    else:
+        labels, affine, ct = _label_file_and_ct(seg_path, ct_path, series_uid)
+    timings["read"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    source = Source(path=str(Path(seg_path)), sha256=_sha256(Path(seg_path)),
+                    ct_path=str(Path(ct_path)) if ct_path is not None else None,
+                    ct_sha256=source_sha256(ct_path, series_uid) if ct_path is not None else None)
+    timings["hash"] = time.perf_counter() - t1
+    return build_passport(labels, affine, ct=ct, points=points, seed=seed, grid_kind="output", source=source,
+                          timings=timings, normals=normals, body=body)
+
+
+def _label_file_and_ct(seg_path: str | Path, ct_path: str | Path | None,
+                       series_uid: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A NIfTI label map (checked), its voxel -> RAS+ affine, and the CT at ``ct_path`` (any format) brought onto
+    its grid (None without ``ct_path``); see :func:`passport_from_file`."""
+    from ..io.load import load_ct
+
     seg = read_image(seg_path, kind="label map")
     raw_dtype = np.dtype(seg.header.get_data_dtype())
     if not (np.issubdtype(seg.data.dtype, np.integer) or seg.data.dtype == np.bool_):
@@ -788,14 +819,7 @@ def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = Non
             raise InputError(f"is not on the label map's grid (shape {ct_img.shape}, {''.join(axcodes(ct_img.affine))}, "
                              f"vs {seg.shape}, {''.join(axcodes(seg.affine))}, or another origin or spacing)", ct_path,
                              "pass the CT the label map was made from")
-    timings["read"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    source = Source(path=str(Path(seg_path)), sha256=_sha256(Path(seg_path)),
-                    ct_path=str(Path(ct_path)) if ct_path is not None else None,
-                    ct_sha256=source_sha256(ct_path, series_uid) if ct_path is not None else None)
-    timings["hash"] = time.perf_counter() - t1
-    return build_passport(labels, seg.affine, ct=ct, points=points, seed=seed, grid_kind="output", source=source,
-                          timings=timings, normals=normals, body=body)
+    return labels, np.asarray(seg.affine, dtype=np.float64), ct
 
 
 def passport_from_segmentation(result: Any, out_path: str | Path, *, input_path: str | Path,
