@@ -777,6 +777,7 @@ def passport_from_file(seg_path: str | Path, *, ct_path: str | Path | None = Non
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    ct: np.ndarray | None
     if is_dicom_seg(seg_path):  # a SEG holds only its segments' frames: the CT gives the grid
         if ct_path is None:
             raise InputError("is a DICOM SEG, which holds only the frames with segments", seg_path,
