@@ -577,7 +577,7 @@ def register_cmd(
 @app.command("warp")
 @handle_errors
 def warp_cmd(
-    transform: Annotated[Path, typer.Option("--transform", "-t", help="Registration folder (or an ITK transform file).")],
+    transform: Annotated[Path, typer.Option("--transform", "-t", help="Registration folder, or an ITK transform file (rigid transforms, composed as ITK applies them, optionally followed by one displacement field).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Warped NIfTI, or mapped points CSV with --points.")],
     input: Annotated[Path | None, typer.Option("-i", "--input", help="Moving image or label map (NIfTI).")] = None,
     reference: Annotated[Path | None, typer.Option("--reference", "-r", help="Fixed image defining the output grid (default: the fixed image's grid recorded in the registration folder; for a bare ITK transform file, its displacement field's grid).")] = None,

@@ -8,6 +8,7 @@ import pytest
 from ctpassport.errors import InputError
 from ctpassport.register.itkio import (
     FLIP,
+    field_to_sitk,
     read_displacement_nifti,
     read_itk_transform,
     to_sitk,
@@ -103,6 +104,30 @@ def test_rigid_only_h5(tmp_path) -> None:
     back = read_itk_transform(write_itk_transform(t, tmp_path / "r.h5"))
     assert back.field is None
     np.testing.assert_allclose(back.rigid.matrix, t.rigid.matrix, atol=1e-12)
+
+
+def test_composite_of_several_rigid_transforms_then_a_field(tmp_path) -> None:
+    """An ITK composite of several linear transforms (e.g. an initial alignment and an optimised rigid), then a
+    displacement field: read as SimpleITK applies it (last first), not only its last rigid part."""
+    g = _oblique_grid()
+    field = field_to_sitk(DisplacementField(g, _smooth_field(g, 6)))
+    parts = [sitk.TranslationTransform(3, (10.0, 0.0, 0.0)),
+             sitk.Euler3DTransform((1.0, 2.0, 3.0), 0.1, -0.05, 0.2, (0.0, 5.0, -2.0))]
+    pts = g.index_to_world(np.random.default_rng(7).uniform(-1, np.asarray(g.shape), size=(100, 3)))
+    for with_field in (False, True):
+        path = tmp_path / f"two_rigid_{with_field}.h5"
+        sitk.WriteTransform(sitk.CompositeTransform(parts + ([field] if with_field else [])), str(path))
+        back = read_itk_transform(path)
+        assert (back.field is not None) == with_field
+        np.testing.assert_allclose(back.apply(pts), _sitk_points(sitk.ReadTransform(str(path)), pts), atol=1e-4)
+    misplaced = tmp_path / "field_first.h5"
+    sitk.WriteTransform(sitk.CompositeTransform([field, *parts]), str(misplaced))
+    with pytest.raises(InputError, match="must come after the rigid transforms"):
+        read_itk_transform(misplaced)
+    two_fields = tmp_path / "two_fields.h5"
+    sitk.WriteTransform(sitk.CompositeTransform([parts[0], field, field]), str(two_fields))
+    with pytest.raises(InputError, match="2 displacement fields"):
+        read_itk_transform(two_fields)
 
 
 def test_nifti_field_is_the_whole_transform_in_itk_convention(tmp_path) -> None:

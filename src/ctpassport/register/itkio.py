@@ -173,8 +173,11 @@ def write_itk_transform(transform: Transform, path: str | Path) -> Path:
 
 
 def read_itk_transform(path: str | Path) -> Transform:
-    """Read a transform file written by :func:`write_itk_transform` (or any ITK file holding a rigid
-    transform optionally followed by one displacement field) as a RAS+ :class:`Transform`."""
+    """Read a transform file written by :func:`write_itk_transform` (or any ITK file holding rigid transforms
+    optionally followed by one displacement field) as a RAS+ :class:`Transform`.
+
+    A composite of several rigid (or translation, Euler, versor...) transforms, e.g. an initial alignment and
+    an optimised one, is composed the way ITK applies a composite: the last one first."""
     sitk = _sitk()
     p = Path(path)
     if not p.is_file():
@@ -191,23 +194,22 @@ def read_itk_transform(path: str | Path) -> Transform:
         parts = [comp.GetNthTransform(i) for i in range(comp.GetNumberOfTransforms())]
     else:
         parts = [tx]
-    rigid = RigidTransform.identity()
-    field = None
-    if not parts or len(parts) > 2:
-        raise InputError(
-            f"expected a rigid transform optionally followed by a displacement field, "
-            f"found {len(parts)} transforms",
-            p,
-        )
+    if not parts:
+        raise InputError("expected a rigid transform optionally followed by a displacement field, found none", p)
     kinds = [t.GetName() for t in parts]
-    if "DisplacementFieldTransform" in kinds[:1] and len(parts) == 2:
-        raise InputError("the displacement field must come after the rigid transform in the file", p)
-    for t in parts:
-        if t.GetName() == "DisplacementFieldTransform":
-            field = _field_from_sitk(t, p)
-        else:
-            rigid = _rigid_from_sitk(t, p)
-    return Transform(rigid, field)
+    n_fields = kinds.count("DisplacementFieldTransform")
+    if n_fields > 1:
+        raise InputError(f"holds {n_fields} displacement fields; ctpassport reads rigid transforms followed by "
+                         "at most one", p)
+    if n_fields and kinds[-1] != "DisplacementFieldTransform":
+        raise InputError("the displacement field must come after the rigid transforms in the file", p)
+    field = _field_from_sitk(parts[-1], p) if n_fields else None
+    # ITK applies a composite last-first: p -> T_0(T_1(...T_{n-1}(p))), so compose from the last linear part
+    matrix = np.eye(4)
+    for t in parts[: len(parts) - n_fields]:
+        matrix = matrix @ _rigid_from_sitk(t, p).matrix
+    return Transform(RigidTransform.from_matrix(matrix) if len(parts) > n_fields else RigidTransform.identity(),
+                     field)
 
 
 def write_displacement_nifti(transform: Transform, grid: GridSpec, path: str | Path) -> Path:
