@@ -672,7 +672,7 @@ def validate_registration_cmd(
         raise ConfigError(f"--refine-passes must be >= 0, not {refine_passes}")
     say = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     if learn2reg is not None:
-        from .register.validate import validate_learn2reg
+        from .register.validate import learn2reg_tier_errors, validate_learn2reg
 
         segment_fn = None
         if labels_dir is None:
@@ -693,6 +693,14 @@ def validate_registration_cmd(
                              learn2reg)
         for r in failed:
             _warn(f"{r['fixed']} <- {r['moving']}: {r['error']}")
+        tier_errors = learn2reg_tier_errors(res["pairs"])
+        for f in tier_errors:
+            _warn(f"{f['fixed']} <- {f['moving']}: {f['tier']} tier: {f['error']}")
+        if s["registered"] == 0:
+            from .errors import RegistrationError
+
+            raise RegistrationError(f"no pair could be registered (first: {tier_errors[0]['error']}); see "
+                                    f"{output / 'report.md'}", learn2reg)
         _say(quiet, f"Learn2Reg: {s['evaluated']}/{s['pairs']} pairs, mean TRE identity {s['tre_identity_mm']} mm, "
                     f"rigid {s['rigid']['tre_mean_mm']} mm, deformable {s['deformable']['tre_mean_mm']} mm; "
                     f"wrote {output}")

@@ -191,6 +191,9 @@ def test_voxel_csv_header_and_malformed_first_line(tmp_path) -> None:
     (tmp_path / "nan.csv").write_text("1,2,3\nnan,5,6\n")  # float() reads it: it must not reach the TRE
     with pytest.raises(InputError, match="line 2: NaN or infinite"):
         read_voxel_csv(tmp_path / "nan.csv")
+    (tmp_path / "u16.csv").write_text("1,2,3\n", encoding="utf-16")  # Windows' "Unicode text"
+    with pytest.raises(InputError, match="not a text"):
+        read_voxel_csv(tmp_path / "u16.csv")
 
 
 def test_learn2reg_bad_folders(tmp_path) -> None:
@@ -302,3 +305,26 @@ def test_validate_bad_option_values_exit_as_bad_settings(tmp_path: Path) -> None
         assert r.exit_code == 5, (args, r.output)
         assert message in r.stderr and "Traceback" not in r.output
         assert not (tmp_path / "o").exists()
+
+
+def test_learn2reg_pairs_that_cannot_be_registered_are_reported(scene, tmp_path) -> None:
+    """Binary masks as the labels (one organ, e.g. NLST's masksTr): the pairs are read (identity TRE) but
+    neither tier can register them. The report says why, each failure is a warning line, and the command
+    fails (exit 6) instead of reporting a run with no TRE as a success."""
+    labels, aff = scene
+    task = tmp_path / "task"
+    make_learn2reg(task, labels, aff, pairs=1)
+    for p in (task / "labelsTr").glob("*.nii.gz"):
+        img = nib.load(p)
+        nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine), p)
+    res = validate_learn2reg(task, tmp_path / "out", labels_dir=task / "labelsTr")
+    assert res["summary"]["evaluated"] == 1 and res["summary"]["registered"] == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Registrations that failed" in report and "rigid tier: only 0 usable organ" in report
+    r = CliRunner().invoke(app, ["validate-registration", "--learn2reg", str(task), "--labels-dir",
+                                 str(task / "labelsTr"), "-o", str(tmp_path / "cli"), "-q"])
+    err = r.stderr.strip().splitlines()
+    assert r.exit_code == 6, r.output
+    assert "warning: TEST_0001_0000.nii.gz <- TEST_0001_0001.nii.gz: rigid tier:" in r.stderr
+    assert err[-1].startswith("ctpassport: error:") and "no pair could be registered" in err[-1]
+    assert (tmp_path / "cli" / "report.md").is_file()

@@ -37,16 +37,22 @@ class PointTable:
         return PointTable(p, list(self.header), [list(r) for r in self.rows], self.xyz_columns)
 
 
-def read_points_csv(path: str | Path, *, lps: bool = False) -> PointTable:
-    """Read a point CSV (header with ``x``, ``y``, ``z``; world mm; RAS+ unless ``lps``) as RAS+ mm."""
-    p = Path(path)
+def _csv_rows(p: Path, what: str) -> list[list[str]]:
+    """The non-blank rows of the CSV file ``p`` (UTF-8, a byte-order mark allowed); :class:`InputError` naming
+    the file when it is missing or not UTF-8 text."""
     if not p.is_file():
-        raise InputError("no such point file", p)
+        raise InputError(f"no such {what} file", p)
     try:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise InputError("not a text (UTF-8) CSV file", p) from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+    return [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+
+
+def read_points_csv(path: str | Path, *, lps: bool = False) -> PointTable:
+    """Read a point CSV (header with ``x``, ``y``, ``z``; world mm; RAS+ unless ``lps``) as RAS+ mm."""
+    p = Path(path)
+    rows = _csv_rows(p, "point")
     if not rows:
         raise InputError("empty point file (expected a header line x,y,z and one row per point)", p)
     header = [c.strip() for c in rows[0]]
@@ -120,13 +126,7 @@ def read_voxel_csv(path: str | Path) -> np.ndarray:
     point per line, no header (a first line without any number, e.g. ``x,y,z``, is skipped as a header; a
     first line with some numbers is a malformed point and an error). Returns float64 ``(N, 3)``."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError("no such keypoint file", p)
-    rows = [
-        r
-        for r in csv.reader(io.StringIO(p.read_text(encoding="utf-8-sig")))
-        if r and any(c.strip() for c in r)
-    ]
+    rows = _csv_rows(p, "keypoint")
     vals = []
     for i, r in enumerate(rows):
         try:

@@ -969,6 +969,12 @@ def find_keypoints(folder: Path, fixed: Path, moving: Path) -> tuple[Path, Path]
     return None
 
 
+def learn2reg_tier_errors(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The registrations that failed in :func:`validate_learn2reg`'s evaluated pairs: fixed, moving, tier, error."""
+    return [{"fixed": r["fixed"], "moving": r["moving"], "tier": t, "error": r[t]["error"]}
+            for r in rows if "error" not in r for t in ("rigid", "deformable") if "error" in r.get(t, {})]
+
+
 def validate_learn2reg(
     folder: str | Path,
     out_dir: str | Path,
@@ -1083,6 +1089,7 @@ def validate_learn2reg(
         "evaluated": len(ok),
         "tre_identity_mm": _mean([r["tre_identity"]["mean"] for r in ok]),
     }
+    summary["registered"] = sum(any("tre" in r.get(t, {}) for t in ("rigid", "deformable")) for r in ok)
     for tier in ("rigid", "deformable"):
         good = [r for r in ok if "tre" in r.get(tier, {})]
         summary[tier] = {
@@ -1126,8 +1133,13 @@ def validate_learn2reg(
     lines.append(
         f"\nMean TRE: identity {_f(s['tre_identity_mm'])} mm, rigid {_f(s['rigid']['tre_mean_mm'])} mm, "
         f"deformable {_f(s['deformable']['tre_mean_mm'])} mm; runtime per pair {_f(s['runtime_per_pair_s'], 3)} s "
-        f"({s['evaluated']} of {s['pairs']} pairs evaluated).\n"
+        f"({s['evaluated']} of {s['pairs']} pairs evaluated, {s['registered']} registered).\n"
     )
+    failures = learn2reg_tier_errors(results["pairs"])
+    if failures:
+        lines.append("Registrations that failed (a '-' in the table):\n")
+        lines += [f"- {f['fixed']} <- {f['moving']}, {f['tier']} tier: {f['error']}" for f in failures]
+        lines.append("")
     with atomic_path(out, is_dir=True) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
         (tmp / "report.md").write_text("\n".join(lines), encoding="utf-8")
