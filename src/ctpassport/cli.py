@@ -467,7 +467,7 @@ def _read_weights(path: Path | None) -> dict[str, float] | None:
     """``--weights`` JSON: {fnmatch pattern or class name: weight}."""
     import json
 
-    from .errors import InputError
+    from .errors import ConfigError, InputError
 
     if path is None:
         return None
@@ -477,9 +477,14 @@ def _read_weights(path: Path | None) -> dict[str, float] | None:
         raise InputError("no such weights file", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError("not valid JSON", path) from None
-    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in d.values()):
+    if not isinstance(d, dict) or not all(isinstance(v, (int, float)) for v in d.values()):
         raise InputError('expected a JSON object like {"vertebrae_*": 1.0, "lung_*": 0.4}', path)
-    return {str(k): float(v) for k, v in d.items()}
+    from .register.rigid import check_weights
+
+    try:
+        return check_weights({str(k): float(v) for k, v in d.items()})
+    except ConfigError as exc:
+        raise InputError(exc.problem, path) from None
 
 
 @contextmanager
@@ -627,6 +632,9 @@ def warp_cmd(
                          "pass --reference fixed.nii.gz", transform)
     out = res.warp_image(moving, ref, labels=labels, fill=fill)
     img = make_nifti(out.data, out.affine, ref.header if ref is not None else None, dtype=out.data.dtype)
+    # the reference gives the grid; its display range and description are about its own voxels, not these
+    img.header["cal_min"] = img.header["cal_max"] = 0.0
+    img.header["descrip"] = f"ctpassport warp of {input.name}".encode("utf-8")[:79]
     if labels:
         from .io.labels import add_label_table, read_label_table
         from .io.nifti import load_nifti

@@ -204,6 +204,16 @@ def test_register_points_form_lps_round_trip(files) -> None:
              "--refine-passes", "2"],
             "drop it for the rigid tier",
         ),
+        (  # json reads Infinity; it (or 1e308) overflowed inside the fit, an internal error
+            ["register", "--fixed", "{d}/fixed.passport.json", "--moving", "{d}/moving.passport.json",
+             "--weights", "{d}/inf.json"],
+            "inf.json: stability weight 'liver': inf is not a number from 0 to 1e+06",
+        ),
+        (
+            ["register", "--fixed", "{d}/fixed.passport.json", "--moving", "{d}/moving.passport.json",
+             "--weights", "{d}/negative.json"],
+            "negative.json: stability weight 'lung_*': -0.5 is not a number",
+        ),
     ],
 )
 def test_bad_inputs_give_one_line_errors_and_no_output(files, args, message) -> None:
@@ -212,6 +222,8 @@ def test_bad_inputs_give_one_line_errors_and_no_output(files, args, message) -> 
     (d / "text.csv").write_text("x,y,z\n" + "a,b,c\n" * len(x))
     (d / "far.csv").write_text("x,y,z\n" + "1e9,0,0\n" * len(x))  # metres or a wrong column, not mm
     (d / "twice.csv").write_text("x,y,z,x\n" + "1,2,3,4\n" * len(x))  # which x is meant?
+    (d / "inf.json").write_text('{"liver": Infinity}')
+    (d / "negative.json").write_text('{"vertebrae_*": 1.0, "lung_*": -0.5}')
     two = build_passport(np.pad(np.ones((3, 3, 3), np.uint8), 2) * 5, np.eye(4))
     save_passport(two, d / "two.passport.json")
     out = d / "bad_out"

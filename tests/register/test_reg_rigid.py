@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from register_helpers import make_organ, make_passport
 
-from ctpassport.errors import RegistrationError
+from ctpassport.errors import ConfigError, RegistrationError
 from ctpassport.model.classes import NAME_TO_ID
 from ctpassport.register.rigid import (
     STABILITY_WEIGHTS,
+    check_weights,
     fit_rigid_passports,
     fit_rigid_points,
     line_spread_mm,
@@ -62,6 +63,10 @@ def test_stability_table() -> None:
     assert stability_weight(None) == stability_weight("not_a_class") == 0.5
     assert stability_weight("liver", {"liver": 0.1}) == 0.1
     assert len({p for p, _ in STABILITY_WEIGHTS}) == len(STABILITY_WEIGHTS)  # one table, no duplicates
+    assert check_weights({"liver": 0, "lung_*": 1e6}) == {"liver": 0, "lung_*": 1e6}
+    for bad in (float("nan"), float("inf"), -0.1, 1e7, "1"):
+        with pytest.raises(ConfigError, match="stability weight 'liver'"):
+            check_weights({"liver": bad})  # type: ignore[dict-item]
 
 
 def test_weighted_kabsch_exact_and_reflection_safe() -> None:

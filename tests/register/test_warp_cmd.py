@@ -133,3 +133,43 @@ def test_points_registered_without_a_reference_need_one_to_warp_an_image(case: P
     assert ok.exit_code == 0, ok.output
     warped = nib.load(out)
     assert warped.shape == img.shape and np.allclose(warped.affine, img.affine)
+
+
+@pytest.mark.parametrize(("grid", "words"), [
+    ({"shape": [-3, 14, 12]}, "not three positive sizes"),
+    ({"shape": [16, 14]}, "not three positive sizes"),
+    ({"affine_ras": [[0.0] * 4] * 4}, "singular"),
+    ({"affine_ras": [[float("nan")] * 4] * 4}, "NaN or infinite"),
+])
+def test_damaged_registration_json_grid_is_named(case: Path, tmp_path: Path, grid: dict, words: str) -> None:
+    """A hand-edited or damaged registration.json: one line naming the file and the grid, exit 2 (a negative
+    size was an internal error, a singular affine named no file)."""
+    import json
+    import shutil
+
+    reg = tmp_path / "reg"
+    shutil.copytree(case / "reg", reg)
+    summary = json.loads((reg / "registration.json").read_text())
+    summary["fixed_grid"].update(grid)
+    (reg / "registration.json").write_text(json.dumps(summary))
+    out = tmp_path / "w.nii.gz"
+    code, line = _one_line_error(["warp", "-t", str(reg), "-i", str(case / "ct.nii.gz"), "-o", str(out), "-q"])
+    assert code == 2 and "registration.json has a malformed fixed_grid" in line and words in line, line
+    assert not out.exists()
+
+
+def test_warped_output_does_not_inherit_the_references_display_range(case: Path, tmp_path: Path) -> None:
+    """The reference gives the output's grid and geometry codes; its display range (cal_min/cal_max, e.g. a
+    CT's -1024..3071) and description are not about the warped voxels (labels 0..117 would show black)."""
+    ref = nib.load(case / "ct.nii.gz")
+    ref.header["cal_min"], ref.header["cal_max"] = -1024.0, 3071.0
+    ref.header["descrip"] = b"CT abdomen"
+    nib.save(ref, tmp_path / "ref.nii.gz")
+    out = tmp_path / "w.nii.gz"
+    r = runner.invoke(app, ["warp", "-t", str(case / "reg"), "-i", str(case / "labels.nii.gz"), "--labels",
+                            "-r", str(tmp_path / "ref.nii.gz"), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    hdr = nib.load(out).header
+    assert float(hdr["cal_min"]) == float(hdr["cal_max"]) == 0.0
+    assert hdr["descrip"].tobytes().startswith(b"ctpassport warp of labels.nii.gz")
+    assert int(hdr["sform_code"]) == int(ref.header["sform_code"])

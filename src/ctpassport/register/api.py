@@ -403,6 +403,8 @@ def load_transform(path: str | Path) -> RegistrationResult:
                 grids[key] = GridSpec.from_dict(summary[key])
             except (KeyError, TypeError, ValueError, AttributeError):
                 raise InputError(f"registration.json has a malformed {key}", p) from None
+            except InputError as exc:
+                raise InputError(f"registration.json has a malformed {key} ({exc.problem})", p) from None
     grid = grids.get("field_grid") or grids.get("fixed_grid")
     if grid is None and transform.field is not None:
         grid = transform.field.grid

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RegistrationError
+from ..errors import ConfigError, RegistrationError
 from ..passport.schema import Organ, Passport
 from .transform import RigidTransform, as_points
 
@@ -93,6 +93,21 @@ def stability_weight(
         if fnmatch.fnmatchcase(name, pattern):
             return float(w)
     return DEFAULT_WEIGHT
+
+
+#: The largest stability weight accepted (weights are relative; the table's run 0.3-1.0).
+MAX_WEIGHT = 1e6
+
+
+def check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """``weights`` (``{fnmatch pattern or class name: weight}``) as a dict, or :class:`ConfigError` unless every
+    weight is a finite number in ``[0, MAX_WEIGHT]``."""
+    bad = {k: v for k, v in weights.items() if not (isinstance(v, (int, float)) and 0 <= v <= MAX_WEIGHT)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise ConfigError(f"stability weight {k!r}: {v!r} is not a number from 0 to {MAX_WEIGHT:g} "
+                          "(weights are relative; the built-in table runs 0.3-1.0)")
+    return dict(weights)
 
 
 def weighted_kabsch(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> RigidTransform:
@@ -316,7 +331,7 @@ def fit_rigid_passports(
             f"only {len(pairs)} usable organ(s) common to both passports (need >= 3 present in both and not "
             f"truncated; {len(left_out)} left out)"
         )
-    table: list[tuple[str, float]] = list(weights.items()) if weights else []
+    table: list[tuple[str, float]] = list(check_weights(weights).items()) if weights else []
     table += list(STABILITY_WEIGHTS)
     n = len(pairs)
     cf = np.array([f.centroid_mm for f, _ in pairs])

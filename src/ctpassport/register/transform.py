@@ -117,8 +117,13 @@ class GridSpec:
     affine: Affine
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise InputError(f"grid shape {shape} is not three positive sizes")
+        object.__setattr__(self, "shape", shape)
         a = np.asarray(self.affine, dtype=np.float64).reshape(4, 4)
+        if not np.isfinite(a).all():
+            raise InputError("grid affine has NaN or infinite values")
         if abs(np.linalg.det(a[:3, :3])) < 1e-12:
             raise InputError("grid affine is singular")
         object.__setattr__(self, "affine", a)
