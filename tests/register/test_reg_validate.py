@@ -171,6 +171,7 @@ def test_learn2reg_one_bad_pair_does_not_stop_the_others(scene, tmp_path) -> Non
     (task / "imagesTr" / "TEST_0002_0001.nii.gz").unlink()
     res = validate_learn2reg(task, tmp_path / "out", labels_dir=task / "labelsTr")
     assert res["summary"]["evaluated"] == 1 and "TEST_0002_0001.nii.gz" in res["pairs"][1]["error"]
+    assert "no such image" in res["pairs"][1]["error"]  # (not "no keypoints": those are there)
     r = CliRunner().invoke(app, ["validate-registration", "--learn2reg", str(task), "--labels-dir",
                                  str(task / "labelsTr"), "-o", str(tmp_path / "cli"), "-q"])
     assert r.exit_code == 0 and "warning: TEST_0002_0000.nii.gz <- TEST_0002_0001.nii.gz" in r.stderr
@@ -328,3 +329,32 @@ def test_learn2reg_pairs_that_cannot_be_registered_are_reported(scene, tmp_path)
     assert "warning: TEST_0001_0000.nii.gz <- TEST_0001_0001.nii.gz: rigid tier:" in r.stderr
     assert err[-1].startswith("ctpassport: error:") and "no pair could be registered" in err[-1]
     assert (tmp_path / "cli" / "report.md").is_file()
+
+
+def test_learn2reg_test_pairs_take_part_only_with_keypoints(scene, tmp_path) -> None:
+    """``registration_test`` pairs: evaluated where the folder has their keypoints (a user's own landmarks);
+    without (Learn2Reg does not publish them) they are counted and left out, not error rows. A JSON that lists
+    only test pairs works too."""
+    labels, aff = scene
+    task = tmp_path / "task"
+    make_learn2reg(task, labels, aff, pairs=2)
+    js = task / "TEST_dataset.json"
+    d = json.loads(js.read_text())
+    hidden = {"fixed": "./imagesTs/TEST_0003_0000.nii.gz", "moving": "./imagesTs/TEST_0003_0001.nii.gz"}
+    js.write_text(json.dumps({"name": "TEST", "registration_test": [d["training_paired_images"][1], hidden]}))
+    res = validate_learn2reg(task, tmp_path / "out", labels_dir=task / "labelsTr")
+    s = res["summary"]
+    assert (s["pairs"], s["evaluated"], s["test_pairs_without_keypoints"]) == (1, 1, 0 + 1)
+    assert res["pairs"][0]["fixed"] == "TEST_0002_0000.nii.gz" and "error" not in res["pairs"][0]
+    assert "1 test pairs without keypoints left out" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_learn2reg_float_label_map_is_named(scene, tmp_path) -> None:
+    labels, aff = scene
+    task = tmp_path / "task"
+    make_learn2reg(task, labels, aff, pairs=1)
+    bad = task / "labelsTr" / "TEST_0001_0001.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(bad).dataobj).astype(np.float32), aff), bad)
+    res = validate_learn2reg(task, tmp_path / "out", labels_dir=task / "labelsTr")
+    err = res["pairs"][0]["error"]
+    assert str(bad) in err and "float32" in err, err
