@@ -70,8 +70,9 @@ def zoom_linear_fast(data: np.ndarray, zoom: np.ndarray) -> np.ndarray:
     float32 output, run in memory order, truncated to int32 like ``change_spacing(..., dtype=np.int32)``.
 
     Same interpolation as :func:`to_model_grid`'s exact path; the float32 output can move a value that lies
-    within float32 rounding of an integer across it (rare 1 HU differences), and the axes are traversed
-    in memory order (another summation order of the same 8 terms). No float64 volume is allocated.
+    within float32 rounding of an integer across it (1 HU differences: 0.06-0.6 % of the voxels of the shared
+    CT at zooms 0.5-1.07, 2-3 % on random integer noise), and the axes are traversed in memory order (another
+    summation order of the same 8 terms). No float64 volume is allocated.
     """
     perm = memory_order_axes(data)
     inv = np.argsort(perm)
