@@ -347,6 +347,9 @@ def test_learn2reg_test_pairs_take_part_only_with_keypoints(scene, tmp_path) -> 
     assert (s["pairs"], s["evaluated"], s["test_pairs_without_keypoints"]) == (1, 1, 0 + 1)
     assert res["pairs"][0]["fixed"] == "TEST_0002_0000.nii.gz" and "error" not in res["pairs"][0]
     assert "1 test pairs without keypoints left out" in (tmp_path / "out" / "report.md").read_text()
+    js.write_text(json.dumps({"name": "TEST", "registration_test": [hidden]}))
+    with pytest.raises(InputError, match="lists only registration_test pairs"):
+        validate_learn2reg(task, tmp_path / "out2", labels_dir=task / "labelsTr")
 
 
 def test_learn2reg_float_label_map_is_named(scene, tmp_path) -> None:

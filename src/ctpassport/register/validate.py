@@ -1016,6 +1016,9 @@ def validate_learn2reg(
     # evaluable by design (Learn2Reg does not publish them) and are counted, not reported as errors
     pairs = [(f, m) for f, m, test in listed if not test or find_keypoints(root, f, m) is not None]
     skipped_test = len(listed) - len(pairs)
+    if not pairs:
+        raise InputError(f"lists only registration_test pairs ({skipped_test}), and the folder has keypoints for "
+                         "none of them", find_dataset_json(root))
     refine = refine_passes if method == "demons" else 0  # (the point-to-point fits have no refinement)
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
