@@ -64,6 +64,23 @@ def test_discover(tmp_path: Path, batch_in: Path) -> None:
     # A DICOM folder given as IN_DIR is itself the one case.
     only = discover_cases(batch_in / "patient3" / "series")
     assert [(c.case_id, c.kind) for c in only] == [("series", "dicom-folder")]
+    # DICOM files do not hide the NIfTI files beside or below them (a stray .dcm among NIfTI files, a dcm2niix
+    # output inside the series folder); DICOM files below a DICOM folder stay part of its case
+    series = batch_in / "patient3" / "series"
+    (series / "dcm2niix.nii.gz").write_bytes(b"")
+    (series / "more").mkdir()
+    (series / "more" / "other.dcm").write_bytes(b"")
+    (series / "more" / "converted.nii").write_bytes(b"")
+    ids = [(c.case_id, c.kind) for c in discover_cases(batch_in, exclude=out)]
+    assert ids == [("a__ct1", "nifti"), ("b_ct2", "nifti"), ("patient3__series", "dicom-folder"),
+                   ("patient3__series__dcm2niix", "nifti"), ("patient3__series__more__converted", "nifti"),
+                   ("scans", "dicom-zip")], ids
+    stray = tmp_path / "stray"
+    (stray / "sub").mkdir(parents=True)
+    for name in ("ct0.nii.gz", "sub/ct.nii.gz", "notes.dcm"):
+        (stray / name).write_bytes(b"")
+    ids = [(c.case_id, c.kind) for c in discover_cases(stray)]
+    assert ids == [("stray", "dicom-folder"), ("ct0", "nifti"), ("sub__ct", "nifti")], ids
     with pytest.raises(InputError, match="no such folder"):
         discover_cases(tmp_path / "nope")
 

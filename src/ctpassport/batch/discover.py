@@ -94,8 +94,9 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
 
     * ``*.nii`` / ``*.nii.gz`` files and ``*.zip`` files are one case each;
     * a folder that directly holds DICOM files (``DICM`` preamble or ``.dcm``) is one case (the loader
-      picks its largest CT series, looking into its subfolders too); folders without DICOM files are
-      searched further. ``in_dir`` itself may be such a DICOM folder.
+      picks its largest CT series, looking into its subfolders too, so DICOM files below it are part of that
+      case); NIfTI files and zips beside or below DICOM files are cases of their own, and every folder is
+      searched. ``in_dir`` itself may be such a DICOM folder.
 
     Hidden entries (``.*``, ``__MACOSX``), ``exclude`` (e.g. an output folder inside ``in_dir``; it may not be
     ``in_dir`` itself) and folders that ctpassport wrote (holding its output marker, a ``batch.json`` or a
@@ -113,6 +114,7 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
         raise InputError("is both the input and the output folder", root,
                          "write the batch's outputs to another folder (it may be inside the input folder)")
     found: list[tuple[Path, InputKind]] = []
+    dicom_folders: list[Path] = []
     for here, real, dirs, files in _walk(root):
         if skip is not None and (real == skip or skip in real.parents):
             dirs[:] = []
@@ -121,10 +123,11 @@ def discover_cases(in_dir: str | Path, exclude: str | Path | None = None) -> lis
             dirs[:] = []  # a ctpassport output (an earlier batch, a case, a mask folder): not a CT
             continue
         dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        if _has_dicom_files(here, files):
+        # the DICOM loader reads a DICOM folder recursively: DICOM files below one are part of its case, but
+        # the NIfTI files and zips beside or below them are cases of their own
+        if _has_dicom_files(here, files) and not any(d == here or d in here.parents for d in dicom_folders):
             found.append((here, "dicom-folder"))
-            dirs[:] = []  # the DICOM loader reads this folder recursively
-            continue
+            dicom_folders.append(here)
         for name in sorted(files):
             if _hidden(name):
                 continue
