@@ -284,6 +284,36 @@ def test_ctrl_c_stops_a_local_pool_and_its_workers(batch_in: Path, tiny_model: P
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # nothing half-written stays
 
 
+def test_workers_end_when_the_batch_process_is_killed(batch_in: Path, tiny_model: Path, tmp_path: Path,
+                                                      ct_dir: Path) -> None:
+    """SIGKILL runs no clean-up in the batch process: its local pool's workers notice that their parent is gone
+    and end within a second or so, instead of carrying on writing into OUT_DIR (where a resumed batch would
+    collide with them) with a model loaded each."""
+    psutil = pytest.importorskip("psutil")
+    big = read_image(ct_dir / "example_ct.nii.gz")
+    from ctpassport.io.nifti import make_nifti, save_nifti
+
+    for name in ("x_big1", "x_big2", "x_big3"):
+        save_nifti(make_nifti(big.data, big.affine, big.header), batch_in / f"{name}.nii.gz")
+    proc = subprocess.Popen([sys.executable, "-m", "ctpassport.cli", "batch", str(batch_in), str(tmp_path / "out"),
+                             "--model", str(tiny_model), "--workers", "2", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = psutil.Process(proc.pid)
+        assert _wait(lambda: len(parent.children(recursive=True)) >= 2, 180)
+        time.sleep(1.0)
+        workers = parent.children(recursive=True)
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    for p in alive:  # (do not leave them behind if the test fails)
+        p.kill()
+    assert not alive, alive
+
+
 def test_sigterm_marks_the_batch_interrupted(batch_in: Path, tiny_model: Path, tmp_path: Path,
                                             ct_dir: Path) -> None:
     big = read_image(ct_dir / "example_ct.nii.gz")

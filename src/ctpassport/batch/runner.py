@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -174,6 +175,24 @@ def _run_inline(todo: list[Case], out: str, opts: BatchOptions) -> Iterator[dict
         yield run_case(case, out, opts)
 
 
+#: How often (s) a local pool's worker checks that the batch process that started it is still alive.
+PARENT_CHECK_S = 0.5
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A local pool worker's initializer: a daemon thread ends the worker (at once, mid-case if need be: its
+    output is written atomically, and a resumed batch removes the temporary folder) when the batch process
+    that started it is gone (killed with SIGKILL, which runs no clean-up), so that no orphaned worker keeps
+    writing into OUT_DIR beside a resumed batch."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ctpassport-parent-watch", daemon=True).start()
+
+
 def _run_pool(todo: list[Case], out: str, opts: BatchOptions, workers: int) -> Iterator[dict[str, Any]]:
     """A local pool of ``workers`` spawned processes (each loads the model once); at most ``workers``
     cases in flight, and a dead worker process fails only the cases it may have held."""
@@ -181,7 +200,12 @@ def _run_pool(todo: list[Case], out: str, opts: BatchOptions, workers: int) -> I
 
     ctx = multiprocessing.get_context("spawn")
     queue = list(todo)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent,
+                                   initargs=(os.getpid(),))
+
+    pool = new_pool()
     running: dict[Future[dict[str, Any]], Case] = {}
     try:
         while queue or running:
@@ -202,7 +226,7 @@ def _run_pool(todo: list[Case], out: str, opts: BatchOptions, workers: int) -> I
                     yield _failed(case, "the worker process died (out of memory or killed)")
                 running.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+                pool = new_pool()
     except BaseException:  # Ctrl-C, or the consumer closed us: stop the workers now, not after their case
         procs = list((getattr(pool, "_processes", None) or {}).values())
         for proc in procs:
