@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -215,6 +216,23 @@ def test_dask_local_cluster(batch_in: Path, corrupt: Path, tiny_model: Path, tmp
     for case in CASES:
         np.testing.assert_array_equal(_labels(tmp_path / "dask", case), _labels(tmp_path / "ref", case))
     assert ref.counts()["ok"] == 3
+    # --resume on Dask with another model redoes the cases (as locally): the model is read here when this
+    # process sees it too. (A copy of the tiny model with one weight changed: another checkpoint hash.)
+    torch = pytest.importorskip("torch")
+    other = tmp_path / "other_model" / tiny_model.parent.name / tiny_model.name
+    shutil.copytree(tiny_model, other)
+    ckpt = other / "fold_0" / "checkpoint_final.pth"
+    state = torch.load(ckpt, weights_only=False)
+    key = next(k for k, v in state["network_weights"].items() if v.dtype.is_floating_point)
+    state["network_weights"][key] = state["network_weights"][key] + 1e-3
+    torch.save(state, ckpt)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                  silence_logs=40) as cluster:
+        res = CliRunner().invoke(app, ["batch", str(batch_in), str(tmp_path / "dask"), "--scheduler",
+                                       cluster.scheduler_address, "--model", str(other), "--nr_thr", "1", "-q",
+                                       "--resume"])
+    doc = json.loads((tmp_path / "dask" / BATCH_JSON).read_text())
+    assert doc["counts"]["resumed"] == 0 and doc["counts"]["ok"] == 3, res.output
 
 
 def test_discover_reserved_and_long_names_linked_folders_and_the_output_folder(tmp_path: Path) -> None:

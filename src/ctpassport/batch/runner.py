@@ -313,11 +313,16 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
     cases = discover_cases(src, exclude=out)
     if not cases:
         raise InputError("no CT found (NIfTI .nii/.nii.gz files, DICOM folders or zips of them)", src)
-    model_id = None
-    if scheduler is None:  # fail fast on a missing or broken model (Dask workers may see other paths)
-        from ..model.folder import load_model_folder, locate_model
+    from ..errors import ModelError
+    from ..model.folder import load_model_folder, locate_model
 
+    model_id = None
+    try:  # fail fast on a missing or broken model; the id also tells --resume which cases another model made
         model_id = load_model_folder(locate_model(opts.model)).model_id
+    except ModelError:
+        if scheduler is None:
+            raise
+        # Dask workers may see paths this process does not: they load it; --resume then cannot tell models apart
     if out.exists() and not out.is_dir():
         raise OutputError("is a file, but the batch output is a folder", out, "name a folder")
     existing = out.is_dir() and ((out / BATCH_JSON).exists() or any(_is_case_dir(p) for p in out.iterdir()))
