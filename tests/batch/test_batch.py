@@ -359,6 +359,13 @@ def test_resume_redoes_cases_made_with_other_options(batch_in: Path, tiny_model:
     assert first.counts()["ok"] == 3
     again = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1), resume=True)
     assert again.counts()["resumed"] == 3  # same options: kept
+    moved = tmp_path / "moved"
+    out.rename(moved)  # the summary names the folders where the resumed cases are now
+    in_moved = run_batch(batch_in, moved, BatchOptions(model=str(tiny_model), threads=1), resume=True)
+    assert in_moved.counts()["resumed"] == 3
+    assert {r["output"] for r in in_moved.records.values()} == {str(moved / case) for case in CASES}
+    assert str(out) not in (moved / "batch.csv").read_text()
+    moved.rename(out)
     changed = run_batch(batch_in, out, BatchOptions(model=str(tiny_model), threads=1, passport=True), resume=True)
     assert changed.counts()["resumed"] == 0 and changed.counts()["ok"] == 3
     assert all((out / case / "passport.json").is_file() for case in CASES)

@@ -360,7 +360,8 @@ def _run_locked(cases: list[Case], src: Path, out: Path, opts: BatchOptions, *, 
     for case in cases:
         rec = finished_record(case, out, opts, model_id) if resume else None
         if rec is not None:
-            summary.records[case.case_id] = {**rec, "resumed": True}
+            # (the folder where it is now: OUT_DIR may have been moved since the case was made)
+            summary.records[case.case_id] = {**rec, "resumed": True, "output": str(out / case.case_id)}
         else:
             todo.append(case)
     if on_plan is not None:
