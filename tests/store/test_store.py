@@ -64,6 +64,20 @@ def test_duplicate_adds_are_idempotent_by_source_hash(db_url: str, make_passport
         assert store.count() == 1
 
 
+def test_values_longer_than_the_columns_are_refused_on_every_backend(db_url: str, make_passport) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL refuses a value longer than its column (SQLite would keep it): both refuse it, in one line
+    that names the field, and store nothing."""
+    with PassportStore(db_url) as store:
+        for kw, words in (({"patient_id": "P" * 65}, "patient id (--patient-id) is 65 characters"),
+                          ({"modality": "CT ANGIOGRAPHY 3D"}, "modality (--modality) is 17 characters"),
+                          ({"study_key": "s" * 129}, "study key (--study) is 129 characters")):
+            with pytest.raises(InputError, match=words.replace("(", r"\(").replace(")", r"\)")):
+                store.add(make_passport(), meta(9, **kw))
+        assert store.count() == 0
+        rec, _ = store.add(make_passport(), meta(9, patient_id="P" * 64, modality="C" * 16))
+        assert rec.patient_id == "P" * 64
+
+
 def test_lookup_by_key_id_and_hash_prefix(db_url: str, make_passport) -> None:  # type: ignore[no-untyped-def]
     with PassportStore(db_url) as store:
         a, _ = store.add(make_passport(), StudyMeta(source_sha256="ab" * 32, study_key="first"))

@@ -196,6 +196,13 @@ def parse_date(value: str | date | None) -> date | None:
         raise InputError(f"study date {value!r} is not YYYY-MM-DD or YYYYMMDD") from None
 
 
+#: How the user gave each length-limited study field (for the error message).
+_FIELD_NAMES = {"study_key": "the study key (--study)", "patient_id": "the patient id (--patient-id)",
+                "modality": "the modality (--modality)", "study_uid": "the StudyInstanceUID",
+                "series_uid": "the SeriesInstanceUID", "model_id": "the passport's model id",
+                "schema_version": "the passport's schema version"}
+
+
 class PassportStore:
     """A connection to the store at ``db`` (see :func:`resolve_db_url`); creates the schema if needed, or with
     ``read_only`` opens an existing store for reading only (its schema checked, never created).
@@ -312,6 +319,11 @@ class PassportStore:
             "schema_version": passport.schema_version, "passport_json": passport.model_dump_json(),
             "added_at": datetime.now(UTC),
         }
+        for name, value in values.items():  # PostgreSQL refuses what SQLite would keep: the same rule for both
+            limit = getattr(t.c[name].type, "length", None)
+            if isinstance(value, str) and limit is not None and len(value) > limit:
+                raise InputError(f"{_FIELD_NAMES.get(name, name)} is {len(value)} characters long "
+                                 f"({value[:24]!r}...); the store keeps at most {limit}")
         with self._begin() as conn:
             dialect = conn.dialect.name
             upsert: Any = None
