@@ -151,7 +151,8 @@ def _valid_passport_json(tmp_path: Path) -> dict:
                                   "normals_count", "normal_not_unit", "nan_point", "infinite_centroid",
                                   "huge_integer", "nested_too_deep", "grid_shape_zero", "grid_shape_negative",
                                   "grid_singular", "grid_last_row", "grid_beyond_100m", "huge_centroid",
-                                  "huge_point", "negative_eigenvalues", "huge_covariance", "newer_schema_field"])
+                                  "huge_point", "negative_eigenvalues", "huge_covariance", "newer_schema_field",
+                                  "malformed_version", "version_three_parts"])
 def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> None:
     good = _valid_passport_json(tmp_path)
     bad = tmp_path / "bad.json"
@@ -175,6 +176,9 @@ def test_corrupt_or_schema_violating_passports(tmp_path: Path, case: str) -> Non
         elif case == "bad_version":
             good["schema_version"] = "9.0"
             doc, words = good, ("schema_version", "unsupported")
+        elif case in ("malformed_version", "version_three_parts"):
+            good["schema_version"] = "1.x" if case == "malformed_version" else "1.3.9"
+            doc, words = good, ("schema_version", "malformed passport schema version")
         elif case == "missing_grid":
             del good["grid"]
             doc, words = good, ("grid",)

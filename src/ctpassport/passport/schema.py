@@ -231,7 +231,10 @@ class Passport(BaseModel):
     @field_validator("schema_version")
     @classmethod
     def _known_version(cls, v: str) -> str:
-        if v.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        parts = v.split(".")
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise ValueError(f"malformed passport schema version {v!r} (MAJOR.MINOR, e.g. {SCHEMA_VERSION})")
+        if parts[0] != SCHEMA_VERSION.split(".")[0]:
             raise ValueError(f"unsupported passport schema version {v} (this ctpassport reads {SCHEMA_VERSION})")
         return v
 
