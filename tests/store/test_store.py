@@ -149,6 +149,16 @@ def test_concurrent_writers(db_url: str, make_passport, tmp_path: Path) -> None:
                 assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
 
 
+def test_redact_url_hides_passwords_in_the_address_and_the_query() -> None:
+    from ctpassport.store.db import redact_url
+
+    for url in ("postgresql://ctp:s3cret@db.example/passports",
+                "postgresql://ctp@/passports?host=/run/pg&password=s3cret&port=5432"):
+        shown = redact_url(url)
+        assert "s3cret" not in shown and "***" in shown and "ctp" in shown, shown
+    assert redact_url("/data/passports.sqlite") == "/data/passports.sqlite"
+
+
 def test_resolve_db_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_db_url(tmp_path / "x.sqlite") == f"sqlite:///{tmp_path / 'x.sqlite'}"
     assert resolve_db_url("postgresql://u@h:5/d") == "postgresql+psycopg://u@h:5/d"

@@ -87,15 +87,19 @@ def _sqlite_read_only_url(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` safe to show: a database URL's password replaced by ``***`` (file paths as they are)."""
+    """``url`` safe to show: a database URL's password replaced by ``***``, in the address or as a libpq
+    ``password=`` query parameter (file paths as they are)."""
     if "://" not in url:
         return url
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        u = make_url(url)
+        if "password" in u.query:
+            u = u.update_query_dict({"password": "***"})
+        return u.render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - only for messages
-        return url.split("@")[-1]
+        return url.split("@")[-1].split("?")[0]
 
 
 def _models() -> Any:
