@@ -93,13 +93,13 @@ def redact_url(url: str) -> str:
         return url
     from sqlalchemy.engine import make_url
 
+    import re
+
     try:
-        u = make_url(url)
-        if "password" in u.query:
-            u = u.update_query_dict({"password": "***"})
-        return u.render_as_string(hide_password=True)
+        shown = make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - only for messages
-        return url.split("@")[-1].split("?")[0]
+        shown = url.split("@")[-1]
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", shown)
 
 
 def _models() -> Any:
