@@ -127,6 +127,10 @@ def test_bad_input_one_line_error_and_no_output(case: str, tmp_path: Path) -> No
     (["-d", "mps"], 5, "--device must be cpu, gpu or gpu:N"),
     (["-d", "GPU"], 5, "--device must be cpu, gpu or gpu:N"),
     (["--ml", "-o", "seg.nrrd"], 2, "must end with .nii or .nii.gz"),
+    (["-nr", "-1"], 5, "--nr_thr must be >= 0"),
+    (["-sii"], 5, "add -s (--statistics)"),
+    (["--statistics-path", "s.json"], 5, "add -s (--statistics)"),
+    (["--ts-unsupported", "-ff"], 5, "TotalSegmentator's -ff is not supported (the 6 mm model"),
 ])
 def test_settings_and_output_names_are_checked_before_any_work(tmp_path: Path, extra: list[str], code: int,
                                                                message: str) -> None:
@@ -177,6 +181,20 @@ def test_roi_subset_takes_several_names_after_one_flag(tmp_path: Path, ct_dir: P
         "--debug", "segment", "--roi_subset", "liver", "-rs", "aorta"]
     assert totalsegmentator_argv(["segment", "-rs", "-q"]) == ["segment", "-rs", "-q"]  # the parser reports it
     assert totalsegmentator_argv(["passport", "-rs", "a", "b"]) == ["passport", "-rs", "a", "b"]
+    # TotalSegmentator options this parser would misread (-ff as -f -f, -sii as -s -i i) or not know
+    assert totalsegmentator_argv(["segment", "-ff", "-i", "x"]) == ["segment", "--ts-unsupported", "-ff", "-i", "x"]
+    assert totalsegmentator_argv(["segment", "-rsr", "liver", "spleen", "-q"]) == [
+        "segment", "--ts-unsupported", "-rsr", "-q"]
+    assert totalsegmentator_argv(["segment", "-rmb", "-q"]) == ["segment", "--ts-unsupported", "-rmb", "-q"]
+    assert totalsegmentator_argv(["segment", "-rmb", "200", "-q"]) == ["segment", "--ts-unsupported", "-rmb", "-q"]
+    assert totalsegmentator_argv(["segment", "-s", "st.json", "-i", "x"]) == [
+        "segment", "-s", "--statistics-path", "st.json", "-i", "x"]
+    assert totalsegmentator_argv(["segment", "-s", "-i", "x"]) == ["segment", "-s", "-i", "x"]
+    assert totalsegmentator_argv(["segment", "--nr_thr_resamp", "2"]) == ["segment", "-nr", "2"]
+    assert totalsegmentator_argv(["segment", "-ot", "nifti", "dicom_seg", "-q"]) == [
+        "segment", "--ts-unsupported", "-ot with several types", "-q"]
+    assert totalsegmentator_argv(["segment", "-ot", "dicom_seg", "-q"]) == ["segment", "-ot", "dicom_seg", "-q"]
+    assert totalsegmentator_argv(["segment", "-i", "x", "--debug"]) == ["--debug", "segment", "-i", "x"]
     out = tmp_path / "seg.nii.gz"
     monkeypatch.setattr(sys, "argv", ["ctpassport", "segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o",
                                       str(out), "-ml", "-rs", "liver", "spleen", "--model", "demo", "-q"])
@@ -266,3 +284,32 @@ def test_model_standin_and_export_commands(tmp_path: Path) -> None:
     res = runner.invoke(app, ["model", "export", str(home), "-o", str(onnx_path)])
     assert res.exit_code == 0, res.output
     assert onnx_path.stat().st_size > 60_000_000 and "tolerance" in res.stderr
+
+
+def test_totalsegmentator_statistics_path_and_incomplete_organs(tmp_path: Path, ct_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """TotalSegmentator's `-s PATH` writes statistics.json there; `-sii` reports the organs within 3 voxels of
+    the border too (the shared slab cuts the liver: 0 by default, its volume with -sii); an unsupported
+    TotalSegmentator option (here -ff, which the parser would read as -f -f) is one line, exit 5."""
+    from ctpassport.cli import main
+
+    out = tmp_path / "seg.nii.gz"
+    stats = tmp_path / "elsewhere.json"
+    base = ["ctpassport", "segment", "-i", str(ct_dir / "example_ct_sm.nii.gz"), "-o", str(out), "-ml",
+            "--model", "demo", "-q"]
+    monkeypatch.setattr(sys, "argv", [*base, "-s", str(stats), "-sii"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code in (0, None)
+    assert stats.is_file() and not (tmp_path / "statistics.json").exists()
+    with_incomplete = json.loads(stats.read_text())
+    assert with_incomplete["liver"]["volume"] > 100_000  # mm3
+    monkeypatch.setattr(sys, "argv", [*base, "-s", "--force"])
+    with pytest.raises(SystemExit):
+        main()
+    default = json.loads((tmp_path / "statistics.json").read_text())
+    assert default["liver"]["volume"] == 0.0 and default.keys() == with_incomplete.keys()
+    monkeypatch.setattr(sys, "argv", [*base, "-ff", "--force"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 5

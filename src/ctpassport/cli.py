@@ -139,8 +139,13 @@ def _say(quiet: bool, message: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # segment
 # ------------------------------------------------------------------------------------------------
-def _refuse_ts_options(*, task: str, output_type: str, skip_saving: bool, preview: bool, body_seg: bool) -> None:
-    """TotalSegmentator options whose result ctpassport does not reproduce: a bad setting (exit 5), at once."""
+def _refuse_ts_options(*, task: str, output_type: str, skip_saving: bool, preview: bool, body_seg: bool,
+                       unsupported: list[str] = []) -> None:  # noqa: B006 (read only)
+    """TotalSegmentator options whose result ctpassport does not reproduce: a bad setting (exit 5), at once.
+    ``unsupported``: options of :data:`TS_UNSUPPORTED` found on the command line."""
+    for flag in unsupported:
+        why = TS_UNSUPPORTED.get(flag, (0, "not a ctpassport option"))[1]
+        raise ConfigError(f"TotalSegmentator's {flag} is not supported ({why})")
     if task != "total":
         raise ConfigError(f"--task {task!r} is not supported: ctpassport runs TotalSegmentator's 'total' task "
                           "(fast model)")
@@ -197,10 +202,12 @@ def segment_cmd(
     ml: Annotated[bool, typer.Option("--ml", "-ml", help="One multilabel file with the label table (like TotalSegmentator --ml).")] = False,
     roi_subset: Annotated[list[str] | None, typer.Option("--roi_subset", "-rs", help="Keep only these classes (names).")] = None,
     statistics: Annotated[bool, typer.Option("--statistics", "-s", help="Write statistics.json (volume mm3, mean HU).")] = False,
+    stats_file: Annotated[Path | None, typer.Option("--statistics-path", help="Where statistics.json goes (TotalSegmentator's -s PATH; default: beside the --ml file, or in the mask folder).")] = None,
+    stats_include_incomplete: Annotated[bool, typer.Option("--stats_include_incomplete", "-sii", help="Statistics also for classes within 3 voxels of the image border (TotalSegmentator's -sii; default: those are 0).")] = False,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home dir; `demo` = the embedded demo model.")] = None,
     device: Annotated[str, typer.Option("--device", "-d", help="cpu, gpu or gpu:N (the CUDA backend on GPU N; without a GPU: the CPU, with a warning).")] = "cpu",
     backend: Annotated[str | None, typer.Option("--backend", help="auto (default: the fastest backend that keeps parity on this machine, e.g. openvino-bf16 on AMX CPUs), onnxruntime (exact fp32 parity path), openvino, openvino-bf16, openvino-int8, cuda, torch.")] = None,
-    nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads (0 = all cores).")] = 0,
+    nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads (0 = all cores; TotalSegmentator's --nr_thr_resamp is read as this).")] = 0,
     timings: Annotated[Path | None, typer.Option("--timings", help="Write per-stage seconds and peak RSS (JSON).")] = None,
     passport: Annotated[Path | None, typer.Option("--passport", help="Also write the passport JSON here.")] = None,
     passport_grid: Annotated[str, typer.Option("--passport-grid", help="model (3 mm grid, like the study) or output.")] = "model",
@@ -218,13 +225,15 @@ def segment_cmd(
     skip_saving: Annotated[bool, typer.Option("--skip_saving", "-ss", help="Not supported (refused): ctpassport always writes the segmentation.")] = False,
     preview: Annotated[bool, typer.Option("--preview", "-p", help="Not supported (refused): see `ctpassport show` for pictures of a passport.")] = False,
     body_seg: Annotated[bool, typer.Option("--body_seg", "-bs", help="Not supported (refused).")] = False,
+    ts_unsupported: Annotated[list[str] | None, typer.Option("--ts-unsupported", hidden=True)] = None,
 ) -> None:
     """Segment a CT with TotalSegmentator's fast model (same labels as `TotalSegmentator --fast`).
 
-    TotalSegmentator's command lines work: its option spellings are accepted (-ml, -rs, -s, -ot, -d, -nr,
-    --fast/-f, --force_split/-fs, -ns, -v, -ta total); options that would change the result in ways
-    ctpassport does not reproduce (--skip_saving, --preview, --body_seg, other tasks, RT-STRUCT output) are
-    refused with a one-line message. Differences: -s takes no path, -nr sets inference threads, and
+    TotalSegmentator's command lines work: its option spellings are accepted (-ml, -rs, -s [PATH], -sii, -ot,
+    -d, -nr/--nr_thr_resamp, --fast/-f, --force_split/-fs, -ns, -v, -ta total); options that would change the
+    result in ways ctpassport does not reproduce (--skip_saving, --preview, --body_seg, other tasks,
+    RT-STRUCT output, and TotalSegmentator's other options) are refused with a one-line message. Differences:
+    -nr sets inference threads, -rs selects from a run over the whole field of view (no crop model), and
     overwriting needs --force (long form only). From the command line -rs takes several names (-rs liver
     spleen), as does the repeated form (-rs liver -rs spleen).
     """
@@ -237,7 +246,11 @@ def segment_cmd(
     cfg = Config.from_env()
     # settings and output names first: nothing slow runs before a mistake that would fail at the end
     _refuse_ts_options(task=task, output_type=output_type, skip_saving=skip_saving, preview=preview,
-                       body_seg=body_seg)
+                       body_seg=body_seg, unsupported=ts_unsupported or [])
+    if nr_thr < 0:
+        raise ConfigError(f"--nr_thr must be >= 0 (0: all cores), not {nr_thr}")
+    if (stats_file is not None or stats_include_incomplete) and not statistics:
+        raise ConfigError("--statistics-path and -sii shape the statistics: add -s (--statistics)")
     _check_choice("--output-type", output_type, ("nifti", "dicom_seg"))
     gpu = _parse_device(device)
     _check_choice("--passport-grid", passport_grid, _passport_grids())
@@ -258,7 +271,7 @@ def segment_cmd(
     if statistics:
         from .segment.pipeline import statistics_path
 
-        check_writable(statistics_path(output, ml=one_file), force)
+        check_writable(stats_file or statistics_path(output, ml=one_file), force)
     classes_for(roi_subset)  # fail early on unknown names
     tm = Timings()
     image = load_input(input, tm, series_uid=series_uid)  # validate the input before the (slow) model load
@@ -288,13 +301,15 @@ def segment_cmd(
         if output_type == "dicom_seg":
             from .io.dicom_seg import segment_to_dicom_seg
 
-            res = segment_to_dicom_seg(seg, image, output, roi_subset=roi_subset, statistics=statistics,  # type: ignore[arg-type]
-                                       timings_path=timings, timings=tm, passport=passport_fn, progress=tick,
-                                       series_instance_uid=seg_uid)
+            res = segment_to_dicom_seg(seg, image, output, roi_subset=roi_subset,  # type: ignore[arg-type]
+                                       statistics=stats_file or statistics, timings_path=timings, timings=tm,
+                                       passport=passport_fn, progress=tick, series_instance_uid=seg_uid,
+                                       stats_include_incomplete=stats_include_incomplete)
         else:
-            res = seg.segment_file(input, output, ml=ml, roi_subset=roi_subset, statistics=statistics,
+            res = seg.segment_file(input, output, ml=ml, roi_subset=roi_subset, statistics=stats_file or statistics,
                                    timings_path=timings, force=True, passport=passport_fn,
-                                   progress=tick, image=image, timings=tm)
+                                   progress=tick, image=image, timings=tm,
+                                   stats_include_incomplete=stats_include_incomplete)
         progress.update(task, total=res.n_tiles, completed=res.n_tiles)
     _say(quiet, f"Wrote {output} in {res.timings.total:.2f} s")
 
@@ -1298,28 +1313,84 @@ def app_cmd(
         raise CTPassportError(f"streamlit exited with code {code}")
 
 
+#: TotalSegmentator 2.18 options that ``segment`` does not take, with the number of values each takes
+#: (``"+"``: one or more, ``"?"``: at most one) and why: refused in one line (exit 5), never misread (Click would
+#: read an unknown ``-ff`` as ``-f -f`` and ``-sii`` as ``-s -i i``).
+TS_UNSUPPORTED: dict[str, tuple[str | int, str]] = {
+    **dict.fromkeys(("-ff", "--fastest"), (0, "the 6 mm model: ctpassport runs the fast 3 mm model")),
+    **dict.fromkeys(("-sl", "--save_lowres"), (0, "the output is on the input's grid")),
+    **dict.fromkeys(("-rsr", "--roi_subset_robust"), ("+", "the crop model is not part of ctpassport; use -rs")),
+    **dict.fromkeys(("-rc", "--robust_crop"), (0, "the crop model is not part of ctpassport")),
+    **dict.fromkeys(("-ro", "--resampling_order"), (1, "ctpassport resamples as the fast model's default")),
+    **dict.fromkeys(("-ho", "--higher_order_resampling", "--high_order_resampling",
+                     "--higher_order_resampling_LEGACY", "--high_order_resampling_LEGACY"),
+                    (0, "ctpassport resamples as the fast model's default")),
+    **dict.fromkeys(("-t", "--nora_tag"), (1, "NORA is not supported")),
+    **dict.fromkeys(("-ms", "--model_size"), (1, "ctpassport runs the fast 3 mm model")),
+    **dict.fromkeys(("-r", "--radiomics"), (0, "radiomics are not computed")),
+    **dict.fromkeys(("-rp", "--report"), (1, "no PDF report")),
+    **dict.fromkeys(("-sa", "--stats_aggregation"), (1, "statistics are means")),
+    **dict.fromkeys(("-sx", "--statistics_extra"), (0, "the extra statistics are not computed")),
+    **dict.fromkeys(("-cp", "--crop_path"), (1, "the crop model is not part of ctpassport")),
+    **dict.fromkeys(("-ndm", "--no_derived_masks"), (0, "the 'total' task has no derived masks here")),
+    **dict.fromkeys(("-v1o", "--v1_order"), (0, "labels use TotalSegmentator 2's class ids")),
+    **dict.fromkeys(("-rmb", "--remove_small_blobs"), ("?", "no postprocessing beyond the model's own")),
+    **dict.fromkeys(("-sp", "--save_probabilities"), (1, "probabilities are not written")),
+    **dict.fromkeys(("-l", "--license_number"), (1, "ctpassport needs no licence")),
+    "--test": (1, "TotalSegmentator's self test"),
+    **dict.fromkeys(("-lt", "--list-tasks"), (0, "use `ctpassport classes`")),
+    **dict.fromkeys(("-lc", "--list-classes"), ("?", "use `ctpassport classes`")),
+    "-ot with several types": (0, "one output type per run: run segment once for each"),
+}
+
+
 def totalsegmentator_argv(argv: list[str]) -> list[str]:
-    """``segment`` arguments with TotalSegmentator's several-names-per-flag subset (``-rs liver spleen``, an
-    argparse ``nargs="+"``) spelled as one flag per name (``-rs liver -rs spleen``), which the parser here
-    reads; anything else unchanged."""
+    """``segment`` arguments as TotalSegmentator spells them, made readable by the parser here: the
+    several-names-per-flag subset (``-rs liver spleen``, an argparse ``nargs="+"``) as one flag per name
+    (``-rs liver -rs spleen``); ``-s PATH`` as ``-s --statistics-path PATH``; ``--nr_thr_resamp N`` as ``-nr N``;
+    ``--debug`` moved before the command (it is the program's option here); ``-ot`` with several output types
+    and an option of
+    :data:`TS_UNSUPPORTED` (and its values) as ``--ts-unsupported OPTION``, which ``segment`` refuses in one
+    line. Anything else unchanged."""
     cmd = next((k for k, tok in enumerate(argv) if not tok.startswith("-")), None)
     if cmd is None or argv[cmd] != "segment":
         return list(argv)
-    out = list(argv[: cmd + 1])
+    front = list(argv[:cmd])
+    out = [argv[cmd]]
     rest = argv[cmd + 1:]
+
+    def values(k: int, count: str | int) -> int:
+        """Index after the values of an option whose first value would be at ``k``."""
+        limit = len(rest) if count == "+" else 1 if count == "?" else int(count)
+        n = 0
+        while k < len(rest) and n < limit and not (rest[k].startswith("-") and len(rest[k]) > 1):
+            k, n = k + 1, n + 1
+        return k
+
     k = 0
     while k < len(rest):
         tok = rest[k]
         k += 1
-        if tok not in ("-rs", "--roi_subset"):
-            out.append(tok)
-            continue
-        names = []
-        while k < len(rest) and not rest[k].startswith("-"):
-            names.append(rest[k])
+        if tok in ("-rs", "--roi_subset"):
+            end = values(k, "+")
+            out += [x for name in rest[k:end] for x in (tok, name)] or [tok]  # no name: the parser reports it
+            k = end
+        elif tok in ("-s", "--statistics") and k < len(rest) and not rest[k].startswith("-"):
+            out += [tok, "--statistics-path", rest[k]]
             k += 1
-        out += [x for name in names for x in (tok, name)] or [tok]  # no name: left for the parser to report
-    return out
+        elif tok in ("-ot", "--output_type", "--output-type") and values(k, "+") - k > 1:
+            out += ["--ts-unsupported", "-ot with several types"]
+            k = values(k, "+")
+        elif tok == "--nr_thr_resamp":
+            out.append("-nr")
+        elif tok == "--debug":
+            front.append(tok)
+        elif tok in TS_UNSUPPORTED:
+            out += ["--ts-unsupported", tok]
+            k = values(k, TS_UNSUPPORTED[tok][0])
+        else:
+            out.append(tok)
+    return front + out
 
 
 def main() -> None:

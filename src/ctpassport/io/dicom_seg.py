@@ -263,14 +263,16 @@ def dicom_seg_labels(path: str | Path, image: Any) -> np.ndarray:
 
 
 def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str | Path, *,
-                         roi_subset: list[str] | None = None, statistics: bool = False,
+                         roi_subset: list[str] | None = None, statistics: bool | str | Path = False,
                          timings_path: str | Path | None = None, timings: Timings | None = None,
                          passport: Callable[[SegmentationResult, Timings], None] | None = None,
                          progress: Callable[[int], None] | None = None,
-                         series_instance_uid: str | None = None) -> SegmentationResult:
+                         series_instance_uid: str | None = None,
+                         stats_include_incomplete: bool = False) -> SegmentationResult:
     """``Segmenter.segment_file`` with a DICOM SEG as the output instead of NIfTI.
 
-    ``statistics`` writes ``statistics.json`` beside ``output``; ``timings_path`` the stage timings;
+    ``statistics`` writes ``statistics.json`` beside ``output`` (or to the given path; see
+    ``Segmenter.segment_file`` for ``stats_include_incomplete``); ``timings_path`` the stage timings;
     ``series_instance_uid``: the SEG's series UID (default: a new one).
     """
     from ..io.atomic import write_text_atomic
@@ -290,8 +292,10 @@ def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str 
         write_dicom_seg(result.labels, image, classes, out, model_id=segmenter.model.model_id,
                         series_instance_uid=series_instance_uid)
         if statistics:
-            stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes)
-            write_text_atomic(statistics_path(out, ml=True), json.dumps(stats, indent=4))
+            stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes,
+                                     exclude_masks_at_border=not stats_include_incomplete)
+            target = statistics if isinstance(statistics, (str, Path)) else statistics_path(out, ml=True)
+            write_text_atomic(Path(target), json.dumps(stats, indent=4))
     if timings_path is not None:
         info = tm.as_dict()
         info.update(model_load_seconds=round(segmenter.load_seconds, 6), backend=segmenter.backend_name,

@@ -179,12 +179,14 @@ class Segmenter:
                      timings_path: str | Path | None = None, force: bool = False,
                      passport: Callable[[SegmentationResult, Timings], None] | None = None,
                      progress: Callable[[int], None] | None = None,
-                     image: Image3D | None = None, timings: Timings | None = None) -> SegmentationResult:
+                     image: Image3D | None = None, timings: Timings | None = None,
+                     stats_include_incomplete: bool = False) -> SegmentationResult:
         """Segment ``input_path`` and write TotalSegmentator-style outputs.
 
         ``ml``: one uint8 multilabel NIfTI with the label table extension at ``output``; otherwise ``output``
         is a folder with one ``<class>.nii.gz`` mask per class. ``statistics`` writes ``statistics.json``
-        beside the output (or to the given path). Nothing is written when any stage fails. ``image`` (with
+        beside the output (or to the given path); classes within 3 voxels of the border get 0 unless
+        ``stats_include_incomplete`` (TotalSegmentator's ``-sii``). Nothing is written when any stage fails. ``image`` (with
         ``timings`` holding its load time) skips loading when the caller already read the input.
         """
         out = Path(output)
@@ -202,7 +204,8 @@ class Segmenter:
         with tm.stage("write"):
             write_segmentation(result.labels, image.affine, image.header, out, classes, ml=ml)
             if statistics:
-                stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes)
+                stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes,
+                                         exclude_masks_at_border=not stats_include_incomplete)
                 stats_path = Path(statistics) if isinstance(statistics, (str, Path)) and not isinstance(
                     statistics, bool) else statistics_path(out, ml=ml)
                 write_text_atomic(stats_path, json.dumps(stats, indent=4))
