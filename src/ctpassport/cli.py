@@ -967,6 +967,8 @@ def bench_cmd(
 
     specs = resolve_configs(configs)
     cpu_list = _parse_cpus(cpus)
+    if price_per_hour is not None and not price_per_hour < float("inf"):
+        raise ConfigError(f"--price-per-hour must be a finite price in $/h, not {price_per_hour:g}")
     for v in variant or []:
         parse_spacing(v)
     from .io.nifti import read_image

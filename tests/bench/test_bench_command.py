@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -162,7 +163,19 @@ def test_bench_rejects_bad_options(tmp_path: Path, ct_dir: Path) -> None:
     res = runner.invoke(app, ["bench", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "r")])
     assert res.exit_code == 2 and "no such file" in res.stderr
     res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--variant", "0.8xfoo"])
-    assert res.exit_code != 0 and "spacing" in res.stderr
+    assert res.exit_code == 5 and "spacing" in res.stderr
+    for bad in ("nan", "1,nan,1", "0"):  # NaN passed the range test and failed inside the resampling (exit 70)
+        res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--variant", bad])
+        assert res.exit_code == 5 and "needs three sizes in (0, 100] mm" in res.stderr, res.output
+    res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--price-per-hour", "inf"])
+    assert res.exit_code == 5 and "--price-per-hour must be a finite price" in res.stderr  # (JSON has no inf)
+    labels_only = tmp_path / "labels_only"
+    labels_only.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), str(labels_only / "seg.nii.gz"))
+    res = runner.invoke(app, ["bench", "-i", str(labels_only), "-o", str(tmp_path / "r")])
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and len(err.splitlines()) == 1 and "labels_only: no CT images found" in err
+    assert "skipped seg.nii.gz: uint8 label map" in err
     res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--cpus", "999"])
     assert res.exit_code != 0 and "--cpus" in res.stderr
     res = runner.invoke(app, ["bench", "-i", ct, "-o", str(tmp_path / "r"), "--configs", "vanilla,fastest"])
@@ -231,6 +244,15 @@ def test_bench_variants_of_inputs_named_alike_are_kept_apart(tmp_path: Path, ct_
     vb = make_variant(tmp_path / "b" / "ct.nii.gz", (6.0, 6.0, 6.0), tmp_path / "cache")
     assert va != vb and nib.load(str(va)).shape != nib.load(str(vb)).shape
     assert make_variant(tmp_path / "a" / "ct.nii.gz", (6.0, 6.0, 6.0), tmp_path / "cache") == va  # cached
+    # an input named like another input's variant: two cases, two names (their runs were merged as one case)
+    from ctpassport.bench.inputs import prepare_cases
+
+    (tmp_path / "c").mkdir()
+    nib.save(nib.load(str(vb)), str(tmp_path / "c" / "ct_6x6x6mm.nii.gz"))
+    cases, _ = prepare_cases([tmp_path / "c" / "ct_6x6x6mm.nii.gz", tmp_path / "a" / "ct.nii.gz"], ["6"],
+                             tmp_path / "work")
+    names = [c.name for c in cases]
+    assert len(set(names)) == len(names) == 4, names
 
 
 @pytest.mark.parametrize(("device", "expected"), [("cpu", "cpu"), ("gpu", "gpu"), ("cuda", "gpu")])

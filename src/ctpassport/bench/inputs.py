@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -48,11 +48,11 @@ def parse_spacing(text: str) -> tuple[float, float, float]:
     try:
         vals = [float(p) for p in parts]
     except ValueError:
-        raise InputError(f"cannot read the spacing {text!r}", hint="write it like 0.8x0.8x1.5 (mm)") from None
+        raise ConfigError(f"cannot read the spacing {text!r}", hint="write it like 0.8x0.8x1.5 (mm)") from None
     if len(vals) == 1:
         vals = vals * 3
-    if len(vals) != 3 or min(vals) <= 0 or max(vals) > 100:
-        raise InputError(f"spacing {text!r} needs three sizes in (0, 100] mm", hint="e.g. 0.8x0.8x1.5")
+    if len(vals) != 3 or not all(0 < v <= 100 for v in vals):  # (NaN fails every comparison)
+        raise ConfigError(f"spacing {text!r} needs three sizes in (0, 100] mm", hint="e.g. 0.8x0.8x1.5")
     return vals[0], vals[1], vals[2]
 
 
@@ -117,7 +117,9 @@ def collect_inputs(items: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
     seen: set[Path] = set()
     unique = [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
     if not unique:
-        raise InputError("no CT images found in the inputs", hint="pass NIfTI files or folders with -i")
+        where = ", ".join(str(i) for i in items)
+        raise InputError(f"{where}: no CT images found" + (f" ({'; '.join(notes)})" if notes else ""),
+                         hint="pass NIfTI CT files or folders of them with -i")
     return unique, notes
 
 
@@ -158,21 +160,25 @@ def prepare_cases(items: Sequence[str | Path], variants: list[str], work_dir: Pa
     paths, notes = collect_inputs(items)
     cases: list[Case] = []
     names: set[str] = set()
+
+    def unique(base: str) -> str:
+        """``base``, or ``base_2``, ``base_3``...: every case (and its output file) has its own name, inputs and
+        variants alike (``x_6x6x6mm.nii.gz`` and the 6 mm variant of ``x.nii.gz`` are two cases)."""
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.add(name)
+        return name
+
     for p in paths:
         c = describe(p)
-        base = c.name
-        k = 2
-        while c.name in names:
-            c.name = f"{base}_{k}"
-            k += 1
-        names.add(c.name)
+        c.name = unique(c.name)
         cases.append(c)
         for v in variants:
             sp = parse_spacing(v)
             if log is not None:
                 log(f"making {c.name} at {spacing_tag(sp)} mm")
             vp = make_variant(p, sp, work_dir / "inputs")
-            vc = describe(vp, f"{c.name}_{spacing_tag(sp)}mm", derived_from=c.name, variant=f"{spacing_tag(sp)} mm")
-            names.add(vc.name)
-            cases.append(vc)
+            cases.append(describe(vp, unique(f"{c.name}_{spacing_tag(sp)}mm"), derived_from=c.name,
+                                  variant=f"{spacing_tag(sp)} mm"))
     return cases, notes
