@@ -148,6 +148,7 @@ def test_register_points_form_lps_round_trip(files) -> None:
     "args, message",
     [
         (["register", "--fixed", "nope.json", "--moving", "nope.json"], "no such passport file"),
+        (["register", "--fixed", "{d}", "--moving", "{d}/moving.passport.json"], "is a folder, not a passport JSON"),
         (["register", "--fixed-points", "{d}/f.csv"], "both needed"),
         (["register"], "give either"),
         (

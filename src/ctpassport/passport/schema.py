@@ -283,6 +283,8 @@ def load_passport(path: str | Path) -> Passport:
     from ..io.jsonfile import read_json_object
 
     p = Path(path)
+    if p.is_dir():
+        raise InputError("is a folder, not a passport JSON file", p)
     if not p.is_file():
         raise InputError("no such passport file", p)
     return validate_passport(read_json_object(p, "passport"), p)
