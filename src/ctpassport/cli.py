@@ -600,7 +600,7 @@ def warp_cmd(
     transform: Annotated[Path, typer.Option("--transform", "-t", help="Registration folder, or an ITK transform file (rigid transforms, composed as ITK applies them, optionally followed by one displacement field).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Warped NIfTI, or mapped points CSV with --points.")],
     input: Annotated[Path | None, typer.Option("-i", "--input", help="Moving image or label map (NIfTI).")] = None,
-    reference: Annotated[Path | None, typer.Option("--reference", "-r", help="Fixed image defining the output grid (default: the fixed image's grid recorded in the registration folder; for a bare ITK transform file, its displacement field's grid).")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", "-r", help="Fixed image defining the output grid (default: the fixed passport's grid recorded in the registration folder - the fixed label map's own grid, or the 3 mm model grid for passports of segment --passport without --passport-grid output; for a bare ITK transform file, its displacement field's grid).")] = None,
     labels: Annotated[bool, typer.Option("--labels", help="Label map: nearest neighbour, no new label values (--fill, if given, must be a whole number the label map's type holds).")] = False,
     points: Annotated[Path | None, typer.Option("--points", help="Fixed-space points CSV (header x,y,z) to map to the moving space.")] = None,
     lps: Annotated[bool, typer.Option("--lps", help="Point CSVs are LPS (default RAS).")] = False,
@@ -645,6 +645,9 @@ def warp_cmd(
     if ref is None and res.fixed_grid is None:
         raise InputError("has no fixed image grid (fitted to points without --reference, or no field): "
                          "pass --reference fixed.nii.gz", transform)
+    if ref is None and (res.summary.get("fixed") or {}).get("grid_kind") == "model":
+        _warn("the fixed passport was taken on the segmentation's 3 mm model grid, so the output is on that grid "
+              "(RAS+, 3 mm), not the fixed image's: pass --reference fixed.nii.gz for the fixed image's own grid")
     out = res.warp_image(moving, ref, labels=labels, fill=fill)
     img = make_nifti(out.data, out.affine, ref.header if ref is not None else None, dtype=out.data.dtype)
     # the reference gives the grid; its display range and description are about its own voxels, not these

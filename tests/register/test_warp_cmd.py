@@ -173,3 +173,31 @@ def test_warped_output_does_not_inherit_the_references_display_range(case: Path,
     assert float(hdr["cal_min"]) == float(hdr["cal_max"]) == 0.0
     assert hdr["descrip"].tobytes().startswith(b"ctpassport warp of labels.nii.gz")
     assert int(hdr["sform_code"]) == int(ref.header["sform_code"])
+
+
+def test_warp_says_when_the_default_grid_is_the_model_grid(case: Path, tmp_path: Path) -> None:
+    """Passports of `segment --passport` (default --passport-grid model) are on the 3 mm model grid, not the
+    fixed image's: warp without --reference writes onto that grid and says so in a warning line; with
+    --reference (or passports on the label map's own grid) it does not warn."""
+    from ctpassport.passport.build import build_passport
+    from ctpassport.passport.schema import save_passport
+    from ctpassport.register.api import register_passports
+
+    img = nib.load(case / "labels.nii.gz")
+    labels = np.asarray(img.dataobj).copy()
+    labels[3:7, 10:13, 8:11] = 2  # a third organ, off the line of the other two
+    for kind in ("model", "output"):
+        fp = build_passport(labels, img.affine, grid_kind=kind)
+        mp = build_passport(np.roll(labels, 1, axis=0), img.affine, grid_kind=kind)
+        save_passport(fp, tmp_path / f"f_{kind}.json")
+        save_passport(mp, tmp_path / f"m_{kind}.json")
+        res = register_passports(tmp_path / f"f_{kind}.json", tmp_path / f"m_{kind}.json", "rigid")
+        assert res.summary["fixed"]["grid_kind"] == kind
+        reg = res.save(tmp_path / f"reg_{kind}")
+        for extra in ([], ["-r", str(case / "ct.nii.gz")]):
+            out = tmp_path / f"w_{kind}_{len(extra)}.nii.gz"
+            r = runner.invoke(app, ["warp", "-t", str(reg), "-i", str(case / "labels.nii.gz"), "--labels",
+                                    "-o", str(out), "-q", *extra])
+            assert r.exit_code == 0, r.output
+            warned = "3 mm model grid" in r.stderr
+            assert warned == (kind == "model" and not extra), r.stderr

@@ -90,8 +90,10 @@ class RegistrationResult:
 
     ``grid``: the fixed-space grid (voxel -> RAS+ mm) the displacement field is written on (the fixed grid
     through :func:`field_grid_for`; for points registered without a fixed grid, the points' bounding box).
-    ``fixed_grid``: the fixed image's own grid, which images are warped onto by default (None for points
-    registered without the fixed image's grid: then images need a reference grid). ``summary``: the
+    ``fixed_grid``: the fixed passport's grid, which images are warped onto by default: the fixed label map's
+    own grid, or for a passport taken on the model grid (``segment --passport``'s default) the 3 mm RAS+ grid
+    the network ran on (``summary["fixed"]["grid_kind"] == "model"``); None for points registered without the
+    fixed image's grid: then images need a reference grid. ``summary``: the
     JSON-ready report (``registration.json``).
     """
 
@@ -267,6 +269,8 @@ def register_passports(
         "sha256": fp.source.sha256,
         "organs": len(fp.organs),
         "grid_shape": list(fp.grid.shape),
+        # "model": the segmentation's 3 mm RAS+ grid (segment --passport's default), not the fixed image's own
+        "grid_kind": fp.grid.kind,
     }
     summary["moving"] = {
         "path": mp.source.path,
