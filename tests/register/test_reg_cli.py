@@ -149,6 +149,11 @@ def test_register_points_form_lps_round_trip(files) -> None:
     [
         (["register", "--fixed", "nope.json", "--moving", "nope.json"], "no such passport file"),
         (["register", "--fixed", "{d}", "--moving", "{d}/moving.passport.json"], "is a folder, not a passport JSON"),
+        (  # a typo would exclude nothing, silently
+            ["register", "--fixed", "{d}/fixed.passport.json", "--moving", "{d}/moving.passport.json",
+             "--exclude", "livr"],
+            "--exclude 'livr' names no organ of either passport and no TotalSegmentator class",
+        ),
         (["register", "--fixed-points", "{d}/f.csv"], "both needed"),
         (["register"], "give either"),
         (
@@ -233,7 +238,7 @@ def test_bad_inputs_give_one_line_errors_and_no_output(files, args, message) -> 
     text = r.output.strip().splitlines()
     assert len(text) == 1 and text[0].startswith("ctpassport: error:") and message.format(d=d) in text[0], r.output
     assert not out.exists()
-    if message.startswith(("--tier", "--method", "--refine-passes")):
+    if message.startswith(("--tier", "--method", "--refine-passes", "--exclude")):
         assert r.exit_code == 5  # a bad setting
 
 

@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..errors import InputError, RegistrationError
+from ..errors import ConfigError, InputError, RegistrationError
 from ..io.atomic import atomic_path, check_writable
 from ..io.nifti import Image3D
-from ..passport.schema import Passport, load_passport
+from ..passport.schema import BODY_NAME, Passport, load_passport
 from .deformable import (
     CoarseGrid,
     DeformableFit,
@@ -168,6 +168,18 @@ class RegistrationResult:
         return out
 
 
+def _check_exclude(exclude: list[int | str], fixed: Passport, moving: Passport) -> None:
+    """:class:`ConfigError` for an ``exclude`` entry that names nothing: a name that is neither an organ of either
+    passport (nor ``body``) nor a TotalSegmentator class (a typo such as ``livr`` would exclude nothing)."""
+    from ..model.classes import NAME_TO_ID
+
+    names = {o.name for p in (fixed, moving) for o in p.organs if o.name} | {BODY_NAME}
+    unknown = [e for e in exclude if isinstance(e, str) and e not in names and e not in NAME_TO_ID]
+    if unknown:
+        raise ConfigError(f"--exclude {unknown[0]!r} names no organ of either passport and no TotalSegmentator "
+                          "class", hint="see `ctpassport classes` for the names")
+
+
 def _summary_base(tier: str, method: str | None, grid: GridSpec | None,
                   fixed_grid: GridSpec | None) -> dict[str, Any]:
     return {
@@ -248,6 +260,8 @@ def register_passports(
     if tier not in TIERS:
         raise RegistrationError(f"unknown tier {tier!r} (choose rigid or deformable)")
     fp, mp = _as_passport(fixed), _as_passport(moving)
+    exclude = list(exclude)
+    _check_exclude(exclude, fp, mp)
     t0 = time.perf_counter()
     notes: list[str] = []
     try:
