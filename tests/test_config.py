@@ -37,6 +37,9 @@ def test_paths_expand_the_home_folder(tmp_path: Path, monkeypatch: pytest.Monkey
         ({"CTPASSPORT_SHARED": "/nonexistent/shared"}, "CTPASSPORT_SHARED='/nonexistent/shared': no such folder"),
         ({"CTPASSPORT_APP_ROOT": "/nonexistent/root"}, "CTPASSPORT_APP_ROOT='/nonexistent/root': no such folder"),
         ({"CTPASSPORT_CACHE_DIR": "{file}"}, "is a file, not a folder"),
+        ({"CTPASSPORT_CACHE_DIR": " "}, "CTPASSPORT_CACHE_DIR=' ' is blank"),
+        ({"CTPASSPORT_CACHE_DIR": "~nosuchuser_ctp/cache"}, "no such user's home folder"),
+        ({"CTPASSPORT_SHARED": "~nosuchuser_ctp/shared"}, "CTPASSPORT_SHARED='~nosuchuser_ctp/shared': no such user"),
     ],
 )
 def test_bad_settings_name_the_variable_and_the_fix(tmp_path: Path, env: dict[str, str], message: str) -> None:
@@ -46,3 +49,10 @@ def test_bad_settings_name_the_variable_and_the_fix(tmp_path: Path, env: dict[st
         Config.from_env(env)
     text = str(info.value)
     assert message in text and "\n" not in text and ("unset" in text or "point it" in text)
+
+
+def test_a_config_built_directly_is_checked_too() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not a known backend"):
+        Config(backend="gpu9")

@@ -159,6 +159,12 @@ def _refuse_ts_options(*, task: str, output_type: str, skip_saving: bool, previe
             raise ConfigError(f"{flag} is not supported ({why})")
 
 
+def _check_torch_seed(seed: int) -> None:
+    """A seed torch takes (``torch.manual_seed`` overflows past 64 bits), checked before anything is written."""
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed must be from 0 to 2**63 - 1, not {seed}")
+
+
 def _parse_device(device: str) -> int | None:
     """TotalSegmentator's ``--device``: ``cpu`` -> None; ``gpu`` / ``cuda`` -> GPU 0; ``gpu:N`` / ``cuda:N`` ->
     GPU N. Anything else (``mps`` too: no Apple GPU path here) is a bad setting (exit 5)."""
@@ -330,6 +336,7 @@ def model_standin_cmd(
     from .model.standin import make_standin
 
     _check_choice("--plans-format", plans_format, ("flat", "architecture"))
+    _check_torch_seed(seed)
     folder = make_standin(output, seed=seed, force=force, plans_format=plans_format)  # type: ignore[arg-type]
     _say(quiet, f"Wrote stand-in weights to {folder}")
     _say(quiet, f"Use them with: TOTALSEG_HOME_DIR={output} (TotalSegmentator) or --model {output}")
@@ -853,6 +860,8 @@ def model_train_demo_cmd(
     out = output or DEMO_DIR
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     if not evaluate_only:
+        _check_torch_seed(seed)
+
         def zyx(text: str) -> tuple[int, int, int]:
             try:
                 vals = tuple(int(v) for v in text.split(","))

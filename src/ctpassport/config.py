@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 
@@ -55,6 +55,13 @@ class Config(BaseModel):
     shared_dir: Path = Field(default_factory=_default_shared_dir)
     app_root: Path | None = None
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in BACKENDS:
+            raise ValueError(f"not a known backend (use one of {', '.join(BACKENDS)})")
+        return v
+
     @property
     def ct_data_dir(self) -> Path:
         """The folder of real example CTs (``<shared>/data/ct``)."""
@@ -83,8 +90,16 @@ class Config(BaseModel):
                 hint=f"use one of {', '.join(BACKENDS)} or unset it",
             )
         for name in ("cache_dir", "shared_dir", "app_root"):
-            if isinstance(values.get(name), str):
-                values[name] = Path(str(values[name])).expanduser()
+            raw = values.get(name)
+            if isinstance(raw, str):
+                key = ENV_VARS[name]
+                if not raw.strip():
+                    raise ConfigError(f"{key}={raw!r} is blank", hint=f"name a folder or unset {key}")
+                try:
+                    values[name] = Path(raw).expanduser()
+                except RuntimeError:  # "~user" of no such user
+                    raise ConfigError(f"{key}={raw!r}: no such user's home folder",
+                                      hint=f"write the folder's full path or unset {key}") from None
         try:
             cfg = cls(**values)  # type: ignore[arg-type]
         except ValidationError as exc:

@@ -32,6 +32,40 @@ def test_export_is_cached_and_checked(standin_home: Path, onnx_cache: Path) -> N
     assert path.stat().st_mtime_ns == mtime  # exported once per checkpoint, not per call
 
 
+def test_an_export_is_not_reused_for_another_network_definition(standin_home: Path, onnx_cache: Path,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same checkpoint under a plans.json that defines another network (here LeakyReLU's slope) is another
+    export: an ONNX file recorded for the first definition (shipped beside the checkpoint or cached) is not
+    used for it (it was: the cache was keyed by the checkpoint alone)."""
+    import dataclasses
+    import shutil
+
+    import ctpassport.model.export as export
+
+    model = load_model_folder(locate_model(standin_home))
+    exported = find_or_export_onnx(model, onnx_cache)
+    assert onnx_metadata(exported)["network_sha256"] == model.network_sha256
+    copy = tmp_path / "home"
+    shutil.copytree(standin_home, copy)
+    moved = load_model_folder(locate_model(copy))
+    shutil.copy(exported, moved.checkpoint.with_suffix(".onnx"))  # shipped beside the checkpoint
+    assert find_or_export_onnx(moved, onnx_cache) == moved.checkpoint.with_suffix(".onnx")  # same definition
+    arch = dataclasses.replace(moved.architecture, nonlin_kwargs={"inplace": True, "negative_slope": 0.5})
+    other = dataclasses.replace(moved, architecture=arch)
+    assert other.network_sha256 != model.network_sha256
+    assert cached_onnx_path(other, onnx_cache) != cached_onnx_path(model, onnx_cache)
+
+    class Exported(Exception):
+        pass
+
+    def fake_export(*_a: object, **_k: object) -> None:
+        raise Exported
+
+    monkeypatch.setattr(export, "export_onnx", fake_export)
+    with pytest.raises(Exported):  # neither file is taken for the other definition: it is exported anew
+        find_or_export_onnx(other, onnx_cache)
+
+
 @pytest.mark.slow
 def test_onnx_matches_pytorch_on_real_ct(segmenter, example_ct: Path) -> None:  # type: ignore[no-untyped-def]
     """Logits of ONNX Runtime and PyTorch on a normalised real-CT patch agree within EXPORT_ATOL."""

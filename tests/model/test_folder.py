@@ -93,6 +93,10 @@ def test_locate_by_env_and_path(standin_home: Path, tmp_path: Path) -> None:
     # every level a user may point at: the fold, the Dataset297 folder, the home's nnunet folder
     for level in (trainer / "fold_0", trainer.parent, standin_home / "nnunet", standin_home / "nnunet" / "results"):
         assert locate_model(level) == trainer, level
+    (trainer / "fold_all").mkdir(exist_ok=True)  # another fold's folder: refused, not fold_0 loaded silently
+    with pytest.raises(ModelError, match="loads fold_0/checkpoint_final.pth, as TotalSegmentator does, not fold_all"):
+        locate_model(trainer / "fold_all")
+    (trainer / "fold_all").rmdir()
     best = tmp_path / "best.pth"
     best.write_bytes(b"")
     with pytest.raises(ModelError, match="loads fold_0/checkpoint_final.pth, as TotalSegmentator does"):
@@ -155,6 +159,56 @@ def test_bad_intensity_properties(folder_copy: Path, props: object) -> None:
         load_model_folder(folder_copy)
 
 
+@pytest.mark.parametrize(("where", "value", "words"), [
+    (("configurations", "3d_fullres"), None, "wrong kind"),
+    (("configurations", "3d_fullres", "UNet_base_num_features"), None, "wrong kind"),
+    (("configurations", "3d_fullres", "n_conv_per_stage_encoder"), 2, "wrong kind"),
+    (("configurations", "3d_fullres", "n_conv_per_stage_decoder"), [], "disagree with n_stages"),
+    (("configurations", "3d_fullres", "patch_size"), "112", "patch_size must be a list of 3 numbers"),
+    (("configurations", "3d_fullres", "patch_size"), [0, 64, 64], "patch_size must hold 3 positive numbers"),
+    (("configurations", "3d_fullres", "spacing"), [0.0, 3.0, 3.0], "spacing must hold 3 positive numbers"),
+    (("configurations", "3d_fullres", "normalization_schemes"), None, "wrong kind"),
+    (("transpose_forward",), [5, 1, 0], "not inverse permutations"),
+    (("transpose_forward",), [0, 0, 0], "not inverse permutations"),
+    (("transpose_forward",), None, "wrong kind"),
+    (("foreground_intensity_properties_per_channel", "0", "std"), float("nan"), "finite numbers with std > 0"),
+    (("foreground_intensity_properties_per_channel", "0", "std"), 0.0, "finite numbers with std > 0"),
+])
+def test_plans_values_of_the_wrong_kind(folder_copy: Path, where: tuple[str, ...], value: object,
+                                        words: str) -> None:
+    """Each was an internal error (TypeError, IndexError, ZeroDivisionError) or, for a NaN std, a run that
+    labelled everything background: now a one-line ModelError naming plans.json."""
+    plans = json.loads((folder_copy / "plans.json").read_text())
+    node = plans
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    (folder_copy / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ModelError, match=words) as info:
+        load_model_folder(folder_copy, check_checkpoint=False)
+    assert "\n" not in str(info.value) and "plans.json" in str(info.value)
+
+
+def test_dataset_json_of_the_wrong_kind(folder_copy: Path) -> None:
+    ds = json.loads((folder_copy / "dataset.json").read_text())
+    ds["channel_names"] = None
+    (folder_copy / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(ModelError, match="wrong kind"):
+        load_model_folder(folder_copy, check_checkpoint=False)
+
+
+def test_checkpoint_with_a_damaged_member_name(folder_copy: Path) -> None:
+    """A flipped bit in a member's name inside the zip (not caught by the CRCs of the data) failed to decode:
+    an internal error; now the corrupt checkpoint is said so."""
+    ck = folder_copy / "fold_0" / "checkpoint_final.pth"
+    raw = bytearray(ck.read_bytes())
+    at = raw.index(b"PK\x03\x04") + 30  # the first local header's file name
+    raw[at] = 0xE5
+    ck.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="corrupt"):
+        load_model_folder(folder_copy)
+
+
 def test_broken_json(folder_copy: Path) -> None:
     (folder_copy / "plans.json").write_text("{ not json")
     with pytest.raises(ModelError, match="plans.json is not valid JSON"):
@@ -211,3 +265,46 @@ def test_a_refused_pickle_global_is_named_in_one_line(folder_copy: Path) -> None
     with pytest.raises(ModelError, match=r"it holds fractions\.Fraction, which a weights-only load does not allow") as e:
         load_checkpoint(ck)
     assert "\x1b" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_network_classes_are_found_where_the_released_package_has_them() -> None:
+    """nnU-Net's plans name ``...architectures.residual_unet.ResidualEncoderUNet``, a module the released
+    dynamic-network-architectures does not have (the class is in ``...unet``): found by name, as nnU-Net does."""
+    pytest.importorskip("dynamic_network_architectures")
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    from ctpassport.model.folder import SUPPORTED_NETWORKS
+    from ctpassport.model.network import _locate
+
+    assert _locate(SUPPORTED_NETWORKS["ResidualEncoderUNet"]) is ResidualEncoderUNet
+    assert _locate("dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet") is ResidualEncoderUNet
+    with pytest.raises(ImportError):
+        _locate("dynamic_network_architectures.architectures.nowhere.NoSuchUNet")
+
+
+def test_standin_checkpoints_are_byte_identical_for_one_seed(tmp_path: Path) -> None:
+    """The same weights written twice give the same bytes (torch.save named the archive's members after the
+    random temporary file, so the checkpoint hash - and the cached ONNX export keyed by it - changed every
+    time), with the member names nnU-Net's own checkpoints have."""
+    import hashlib
+    import zipfile
+
+    torch = pytest.importorskip("torch")
+    from ctpassport.model.folder import FAST_CONFIGURATION
+    from ctpassport.model.network import build_network
+    from ctpassport.model.standin import make_dataset_json, write_model_folder
+
+    plans = make_plans(base_features=4, max_features=8, n_stages=2, patch_size=[32, 64, 64])
+    dataset = make_dataset_json()
+    digests = []
+    for k in range(2):
+        trainer = tmp_path / f"m{k}" / FAST_TRAINER_FOLDER
+        arch = parse_architecture(plans["configurations"][FAST_CONFIGURATION], trainer / "plans.json")
+        torch.manual_seed(3)
+        write_model_folder(trainer, plans, dataset, build_network(arch, 1, len(dataset["labels"])).state_dict())
+        ckpt = trainer / "fold_0" / "checkpoint_final.pth"
+        digests.append(hashlib.sha256(ckpt.read_bytes()).hexdigest())
+        with zipfile.ZipFile(ckpt) as zf:
+            assert all(n.startswith("checkpoint_final/") for n in zf.namelist())
+        assert [p.name for p in (trainer / "fold_0").iterdir()] == ["checkpoint_final.pth"]  # no temporary left
+    assert digests[0] == digests[1]

@@ -101,8 +101,8 @@ def read_checkpoint_structure(path: str | Path) -> dict[str, Any]:
             if not pkl:
                 raise ModelError("not a PyTorch checkpoint (no data.pkl inside)", p)
             blob = zf.read(pkl[0])
-    except zipfile.BadZipFile:
-        raise ModelError("checkpoint is truncated or not a PyTorch (zip) checkpoint", p,
+    except (zipfile.BadZipFile, UnicodeDecodeError, ValueError):  # (a damaged member name fails to decode)
+        raise ModelError("checkpoint is truncated, corrupt or not a PyTorch (zip) checkpoint", p,
                          "re-download or re-create the weights") from None
     except (OSError, EOFError) as exc:
         raise ModelError(f"cannot read checkpoint ({exc})", p) from None

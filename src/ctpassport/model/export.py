@@ -82,6 +82,7 @@ def export_onnx(model: ModelFolder, out: str | Path, *, check_shape: tuple[int, 
         meta = {
             "ctpassport_version": __version__,
             "checkpoint_sha256": model.checkpoint_sha256,
+            "network_sha256": model.network_sha256,
             "model_id": model.model_id,
             "axis_order": "nnunet",
             "patch_size": json.dumps(list(model.patch_size)),
@@ -123,24 +124,27 @@ def onnx_metadata(path: Path) -> dict[str, str]:
 
 
 def cached_onnx_path(model: ModelFolder, cache_dir: Path) -> Path:
-    """Where the export of ``model`` is cached: ``<cache>/onnx/<checkpoint sha256>.onnx``."""
-    return cache_dir / "onnx" / f"{model.checkpoint_sha256}.onnx"
+    """Where the export of ``model`` is cached: ``<cache>/onnx/<checkpoint sha256>-<network sha256[:16]>.onnx``
+    (the weights and the network definition plans.json gives them)."""
+    return cache_dir / "onnx" / f"{model.checkpoint_sha256}-{model.network_sha256[:16]}.onnx"
 
 
 def find_or_export_onnx(model: ModelFolder, cache_dir: Path) -> Path:
-    """Return an ONNX export of ``model``, exporting once per checkpoint.
+    """Return an ONNX export of ``model``, exporting once per checkpoint and network definition.
 
     Looked up in order: ``fold_0/checkpoint_final.onnx`` shipped beside the checkpoint (used when its
-    recorded checkpoint hash matches), then the cache; otherwise exported into the cache (needs torch).
+    recorded checkpoint hash matches, and its network hash where it records one), then the cache; otherwise
+    exported into the cache (needs torch).
     """
-    sha = model.checkpoint_sha256
+    sha, net = model.checkpoint_sha256, model.network_sha256
     for cand in (model.checkpoint.with_suffix(".onnx"), cached_onnx_path(model, cache_dir)):
         if cand.is_file():
             try:
-                if onnx_metadata(cand).get("checkpoint_sha256") == sha:
-                    return cand
+                meta = onnx_metadata(cand)
             except Exception:  # noqa: BLE001 - unreadable cache entry: re-export below
                 continue
+            if meta.get("checkpoint_sha256") == sha and meta.get("network_sha256", net) == net:
+                return cand
     target = cached_onnx_path(model, cache_dir)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

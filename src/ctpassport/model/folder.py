@@ -20,6 +20,7 @@ All geometric fields of :class:`ModelFolder` (``patch_size``, ``spacing``) are i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ CHECKPOINT_NAME = "checkpoint_final.pth"
 
 SUPPORTED_NETWORKS = {
     "PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-    "ResidualEncoderUNet": "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet",
+    "ResidualEncoderUNet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
 }
 SUPPORTED_NORMALIZATION = ("CTNormalization", "ZScoreNormalization", "NoNormalization")
 #: Readers whose arrays are in nnU-Net order (z, y, x) = reversed nibabel order.
@@ -110,6 +111,15 @@ class ModelFolder:
     @property
     def checkpoint_sha256(self) -> str:
         return file_sha256(self.checkpoint)
+
+    @property
+    def network_sha256(self) -> str:
+        """SHA-256 of the network definition read from plans.json (class, stages, kernels, strides, norm,
+        nonlinearity and their keyword arguments): with the checkpoint hash, what an ONNX export depends on."""
+        import dataclasses
+
+        spec = json.dumps(dataclasses.asdict(self.architecture), sort_keys=True, default=str)
+        return hashlib.sha256(spec.encode()).hexdigest()
 
     @property
     def model_id(self) -> str:
@@ -212,17 +222,43 @@ def parse_architecture(conf: dict[str, Any], path: Path) -> Architecture:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"plans.json architecture is malformed ({exc})", path) from None
-    if not (len(arch.features_per_stage) == len(arch.kernel_sizes) == len(arch.strides) == n_stages):
-        raise ModelError("plans.json architecture lists disagree with n_stages", path)
+    if not (len(arch.features_per_stage) == len(arch.kernel_sizes) == len(arch.strides) == n_stages
+            == len(arch.n_conv_per_stage) == len(arch.n_conv_per_stage_decoder) + 1) or n_stages < 2:
+        raise ModelError("plans.json architecture lists disagree with n_stages (features, kernels, strides and "
+                         "convolutions per stage: n_stages each, decoder convolutions: n_stages - 1)", path)
     return arch
 
 
 def load_model_folder(path: str | Path, *, check_checkpoint: bool = True) -> ModelFolder:
     """Load and validate a trainer folder (``plans.json``, ``dataset.json``, ``fold_0/checkpoint_final.pth``).
 
-    Raises :class:`ModelError` with a one-line reason and a fix for anything missing or inconsistent.
+    Raises :class:`ModelError` with a one-line reason and a fix for anything missing or inconsistent,
+    including a JSON value of the wrong kind anywhere the checks below do not name it.
     """
     p = Path(path)
+    try:
+        return _load_model_folder(p, check_checkpoint)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ModelError(f"plans.json or dataset.json holds a value of the wrong kind ({type(exc).__name__}: "
+                         f"{first})", p, "compare with the files TotalSegmentator installs") from None
+
+
+def _positive_3(values: Any, what: str, path: Path, cast: Any) -> tuple[Any, Any, Any]:
+    """Three finite positive numbers from a JSON list (``cast``: int or float), or :class:`ModelError`."""
+    import math
+
+    if not isinstance(values, list) or len(values) != 3:
+        raise ModelError(f"{what} must be a list of 3 numbers (only 3-D configurations are supported), not "
+                         f"{values!r}"[:200], path)
+    out = tuple(cast(v) for v in values)
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise ModelError(f"{what} must hold 3 positive numbers, not {list(values)}", path)
+    return out[0], out[1], out[2]
+
+
+def _load_model_folder(p: Path, check_checkpoint: bool) -> ModelFolder:
+    """:func:`load_model_folder` without the catch-all for JSON values of the wrong kind."""
     plans_path, dataset_path = p / "plans.json", p / "dataset.json"
     plans = _load_json(plans_path, "plans.json")
     dataset = _load_json(dataset_path, "dataset.json")
@@ -230,16 +266,15 @@ def load_model_folder(path: str | Path, *, check_checkpoint: bool = True) -> Mod
     configuration = parts[2] if len(parts) == 3 else FAST_CONFIGURATION
     conf = _resolve_configuration(plans, configuration, plans_path)
     arch = parse_architecture(conf, plans_path)
-    try:
-        patch = tuple(int(v) for v in conf["patch_size"])
-        spacing = tuple(float(v) for v in conf["spacing"])
-    except (KeyError, TypeError, ValueError):
-        raise ModelError(f"plans.json configuration {configuration!r} lacks patch_size/spacing", plans_path) from None
-    if len(patch) != 3 or len(spacing) != 3:
-        raise ModelError("only 3-D configurations are supported (patch_size/spacing must have 3 entries)",
-                         plans_path)
+    if "patch_size" not in conf or "spacing" not in conf:
+        raise ModelError(f"plans.json configuration {configuration!r} lacks patch_size/spacing", plans_path)
+    patch = _positive_3(conf["patch_size"], "plans.json patch_size", plans_path, int)
+    spacing = _positive_3(conf["spacing"], "plans.json spacing", plans_path, float)
     tf = tuple(int(v) for v in plans.get("transpose_forward", [0, 1, 2]))
     tb = tuple(int(v) for v in plans.get("transpose_backward", [0, 1, 2]))
+    if sorted(tf) != [0, 1, 2] or sorted(tb) != [0, 1, 2] or tuple(tf[i] for i in tb) != (0, 1, 2):
+        raise ModelError(f"plans.json transpose_forward {list(tf)} / transpose_backward {list(tb)} are not "
+                         "inverse permutations of the 3 axes", plans_path)
     reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
     if reader not in REVERSED_AXIS_READERS + NIBABEL_AXIS_READERS:
         raise ModelError(f"plans.json uses an unsupported image reader {reader!r}", plans_path)
@@ -257,6 +292,11 @@ def load_model_folder(path: str | Path, *, check_checkpoint: bool = True) -> Mod
         if missing:
             raise ModelError(f"plans.json lacks intensity properties {missing} needed by CTNormalization "
                              "(each a number)", plans_path)
+        import math
+
+        if not all(math.isfinite(props[k]) for k in ("mean", "std", "percentile_00_5", "percentile_99_5")) \
+                or not props["std"] > 0:
+            raise ModelError("plans.json's CT intensity properties must be finite numbers with std > 0", plans_path)
     channels = dataset.get("channel_names", dataset.get("modality", {}))
     if len(channels) != 1:
         raise ModelError(f"dataset.json lists {len(channels)} input channels; ctpassport runs 1-channel CT models",
@@ -368,7 +408,10 @@ def locate_model(path: str | Path | None = None, environ: dict[str, str] | None 
                                  "checkpoint", p, "pass the trainer folder (or copy the weights you want there)")
             p = p.parent.parent
         if p.name.startswith("fold_") and (p.parent / "plans.json").is_file():
-            p = p.parent  # a fold folder: its trainer folder
+            if p.name != "fold_0":
+                raise ModelError(f"ctpassport loads fold_0/{CHECKPOINT_NAME}, as TotalSegmentator does, not "
+                                 f"{p.name}", p, "pass the trainer folder (or copy the weights you want to fold_0)")
+            p = p.parent  # the fold folder: its trainer folder
         if (p / "plans.json").is_file():
             return p
         if (p / FAST_TRAINER_FOLDER / "plans.json").is_file():

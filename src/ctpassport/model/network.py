@@ -28,8 +28,18 @@ def require_torch(purpose: str) -> Any:
 
 
 def _locate(dotted: str) -> Any:
+    """The class at ``dotted``; failing that, a class of that name in dynamic_network_architectures'
+    ``architectures.unet`` module (nnU-Net falls back to a search by name too: plans name e.g.
+    ``...residual_unet.ResidualEncoderUNet``, which lives in ``...architectures.unet`` in the released package)."""
     module, _, name = dotted.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        # the U-Nets all live in the architectures' ``unet`` module of the released package
+        found = getattr(importlib.import_module("dynamic_network_architectures.architectures.unet"), name, None)
+        if isinstance(found, type):
+            return found
+        raise
 
 
 def build_network(arch: Architecture, in_channels: int, num_classes: int,

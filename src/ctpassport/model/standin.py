@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from ..io.atomic import atomic_path, check_writable, write_text_atomic
+from ..io.atomic import check_writable, write_text_atomic
 from .classes import TOTAL_CLASSES
 from .folder import (
     CHECKPOINT_NAME,
@@ -148,8 +148,16 @@ def write_model_folder(
         **(extra or {}),
     }
     (trainer_dir / "fold_0").mkdir(exist_ok=True)
-    with atomic_path(trainer_dir / "fold_0" / CHECKPOINT_NAME) as tmp:
-        torch.save(ckpt, tmp)
+    # torch.save names the archive's members after the file it writes: saved as checkpoint_final.pth in a
+    # temporary folder (members checkpoint_final/..., as nnU-Net's own), then moved into place, so the same
+    # weights give the same bytes (and checkpoint hash, hence the same cached ONNX export) every time
+    import os
+    import tempfile
+
+    fold = trainer_dir / "fold_0"
+    with tempfile.TemporaryDirectory(prefix=".checkpoint_final.tmp-", dir=fold) as tmp_dir:
+        torch.save(ckpt, Path(tmp_dir) / CHECKPOINT_NAME)
+        os.replace(Path(tmp_dir) / CHECKPOINT_NAME, fold / CHECKPOINT_NAME)
     return trainer_dir
 
 
