@@ -140,7 +140,7 @@ def _say(quiet: bool, message: str) -> None:
 # segment
 # ------------------------------------------------------------------------------------------------
 def _refuse_ts_options(*, task: str, output_type: str, skip_saving: bool, preview: bool, body_seg: bool,
-                       unsupported: list[str] = []) -> None:  # noqa: B006 (read only)
+                       unsupported: tuple[str, ...] | list[str] = ()) -> None:
     """TotalSegmentator options whose result ctpassport does not reproduce: a bad setting (exit 5), at once.
     ``unsupported``: options of :data:`TS_UNSUPPORTED` found on the command line."""
     for flag in unsupported:
