@@ -313,3 +313,31 @@ def test_totalsegmentator_statistics_path_and_incomplete_organs(tmp_path: Path, 
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 5
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["segment", "-i", "ct.nii.gz", "-o", "seg", "-nr", "abc"], "Invalid value for '--nr_thr' / '-nr'"),
+    (["segment", "-o", "seg"], "Missing option '-i' / '--input'"),
+    (["segment", "--bogus"], "No such option: --bogus"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_command_lines_the_parser_cannot_read_are_one_line(argv: list[str], words: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """From the console command, a malformed value, a missing or unknown option or command is one line naming
+    it and the command's help, exit 2 (Click drew a several-line box); help and --version are unchanged."""
+    from ctpassport.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ctpassport", *argv])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("ctpassport: error: ") and words in err[0] and "--help`)" in err[0]
+    assert list(tmp_path.iterdir()) == []
+    for ok in (["--version"], ["segment", "--help"]):
+        monkeypatch.setattr(sys, "argv", ["ctpassport", *ok])
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code == 0 and capsys.readouterr().out

@@ -1408,10 +1408,26 @@ def totalsegmentator_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. A command line the parser cannot read (an unknown option, a malformed value
+    such as ``-nr abc``, a missing required option) is one line naming the problem and the command's help,
+    exit 2, like every other bad input (Click would draw a several-line box)."""
     import sys
 
-    app(args=totalsegmentator_argv(sys.argv[1:]), prog_name="ctpassport")
+    # Typer's own copy of Click's exceptions (what its parser raises): UsageError is BadParameter's base
+    usage_error: type[Exception] = typer.BadParameter.__mro__[1]
+    try:
+        rv = app(args=totalsegmentator_argv(sys.argv[1:]), prog_name="ctpassport", standalone_mode=False)
+    except usage_error as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `ctpassport` or `ctpassport model` alone: the help,
+            sys.exit(2)  # which the parser has printed; exit 2 as before
+        where = ctx.command_path if ctx is not None else "ctpassport"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        _err(f"{' '.join(message.split())} (see `{where} --help`)")
+        sys.exit(int(getattr(exc, "exit_code", 2)))
+    except typer.Abort:  # Ctrl-C while the parser itself was reading (e.g. a prompt)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
