@@ -209,15 +209,18 @@ def is_dicom_seg(path: str | Path) -> bool:
     return str(getattr(ds, "SOPClassUID", "")) == SEG_SOP_CLASS
 
 
+@functools.lru_cache(maxsize=1)
+def _folded_class_ids() -> dict[str, int]:
+    """TotalSegmentator's class ids by lower-case class name (built once)."""
+    from ..model.classes import NAME_TO_ID
+
+    return {name.lower(): idx for name, idx in NAME_TO_ID.items()}
+
+
 def _class_id(label: str) -> int | None:
     """TotalSegmentator's id of a segment label (its class name; case, spaces and dashes as written by other
     tools, e.g. "Kidney Left", are accepted)."""
-    from ..model.classes import NAME_TO_ID
-
-    if label in NAME_TO_ID:
-        return NAME_TO_ID[label]
-    folded = {name.lower(): idx for name, idx in NAME_TO_ID.items()}
-    return folded.get(label.strip().lower().replace(" ", "_").replace("-", "_"))
+    return _folded_class_ids().get(label.strip().lower().replace(" ", "_").replace("-", "_"))
 
 
 def dicom_seg_labels(path: str | Path, image: Any) -> np.ndarray:
@@ -276,8 +279,7 @@ def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str 
     ``series_instance_uid``: the SEG's series UID (default: a new one).
     """
     from ..io.atomic import write_text_atomic
-    from ..segment.pipeline import Timings, classes_for, keep_classes, statistics_path
-    from ..segment.statistics import basic_statistics
+    from ..segment.pipeline import Timings, classes_for, keep_classes, write_statistics
 
     classes = classes_for(roi_subset)
     tm = timings or Timings()
@@ -292,10 +294,7 @@ def segment_to_dicom_seg(segmenter: Segmenter, image: DicomImage3D, output: str 
         write_dicom_seg(result.labels, image, classes, out, model_id=segmenter.model.model_id,
                         series_instance_uid=series_instance_uid)
         if statistics:
-            stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes,
-                                     exclude_masks_at_border=not stats_include_incomplete)
-            target = statistics if isinstance(statistics, (str, Path)) else statistics_path(out, ml=True)
-            write_text_atomic(Path(target), json.dumps(stats, indent=4))
+            write_statistics(result, classes, statistics, out, ml=True, include_incomplete=stats_include_incomplete)
     if timings_path is not None:
         info = tm.as_dict()
         info.update(model_load_seconds=round(segmenter.load_seconds, 6), backend=segmenter.backend_name,

@@ -204,11 +204,8 @@ class Segmenter:
         with tm.stage("write"):
             write_segmentation(result.labels, image.affine, image.header, out, classes, ml=ml)
             if statistics:
-                stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes,
-                                         exclude_masks_at_border=not stats_include_incomplete)
-                stats_path = Path(statistics) if isinstance(statistics, (str, Path)) and not isinstance(
-                    statistics, bool) else statistics_path(out, ml=ml)
-                write_text_atomic(stats_path, json.dumps(stats, indent=4))
+                write_statistics(result, classes, statistics, out, ml=ml,
+                                 include_incomplete=stats_include_incomplete)
         if timings_path is not None:
             info = tm.as_dict()
             info.update(model_load_seconds=round(self.load_seconds, 6), backend=self.backend_name,
@@ -224,6 +221,18 @@ def keep_classes(result: SegmentationResult, classes: dict[int, str]) -> None:
     keep[list(classes)] = True
     result.labels = np.where(keep[result.labels], result.labels, 0).astype(np.uint8)
     result.model_labels = np.where(keep[result.model_labels], result.model_labels, 0).astype(np.uint8)
+
+
+def write_statistics(result: SegmentationResult, classes: dict[int, str], statistics: bool | str | Path,
+                     output: str | Path, *, ml: bool, include_incomplete: bool = False) -> Path:
+    """Write ``statistics.json`` of ``result`` (on the model grid, as TotalSegmentator) to the path
+    ``statistics`` or, for ``True``, :func:`statistics_path` of ``output``; classes within 3 voxels of the
+    border get 0 unless ``include_incomplete`` (TotalSegmentator's ``-sii``). Atomic; returns the path."""
+    stats = basic_statistics(result.model_labels, result.model_ct, result.model_affine, classes,
+                             exclude_masks_at_border=not include_incomplete)
+    target = Path(statistics) if isinstance(statistics, (str, Path)) else statistics_path(output, ml=ml)
+    write_text_atomic(target, json.dumps(stats, indent=4))
+    return target
 
 
 def statistics_path(output: str | Path, *, ml: bool) -> Path:
