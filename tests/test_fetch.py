@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ctpassport.cli import app
 from ctpassport.errors import OutputError
-from ctpassport.fetch import DATASETS, FETCH_JSON, FetchError, download, fetch_dataset
+from ctpassport.fetch import DATASETS, FETCH_JSON, FetchError, download, fetch_dataset, partial_download
 from ctpassport.io.nifti import make_nifti, nifti_bytes, read_image
 
 
@@ -214,7 +214,7 @@ def test_resume_across_runs(server: ArchiveServer, tmp_path: Path) -> None:
     dest = tmp_path / "d"
     with pytest.raises(FetchError, match="run the command again to resume"):
         fetch_dataset("learn2reg-lungct", dest, url=server.url("z.zip"), sha256=sha(blob), retries=0)
-    part = dest / ".downloads" / f"{DATASETS['learn2reg-lungct'].archive}.part"
+    part = partial_download(dest, "learn2reg-lungct", server.url("z.zip"))
     assert part.stat().st_size == 1000 and not (dest / "learn2reg-lungct").exists()
     root = fetch_dataset("learn2reg-lungct", dest, url=server.url("z.zip"), sha256=sha(blob), retries=0)
     assert server.requests[-1] == "bytes=1000-" and (root / "pairs.csv").is_file()
@@ -312,3 +312,136 @@ def test_fetch_dataset_with_force_never_replaces_a_foreign_folder(server: Archiv
     with pytest.raises(OutputError, match="did not fetch"):
         fetch_dataset("msd-spleen", tmp_path, url=server.url("Task09_Spleen.tar"), sha256=sha(blob), force=True)
     assert server.requests == [] and (tmp_path / "msd-spleen" / "results.csv").read_text() == "mine"
+
+
+def test_a_bad_first_download_does_not_become_the_reference(server: ArchiveServer, tmp_path: Path) -> None:
+    """Trust on first use records the SHA-256 only once the archive unpacked into the dataset's layout: an error
+    page served as the archive fails, and the genuine archive is still accepted afterwards."""
+    blob = lung_zip()
+    server.files["training.zip"] = b"<html>Service temporarily unavailable</html>"
+    with pytest.raises(FetchError, match="neither a tar nor a zip"):
+        fetch_dataset("learn2reg-lungct", tmp_path / "d", url=server.url("training.zip"), retries=0)
+    server.files["training.zip"] = blob
+    root = fetch_dataset("learn2reg-lungct", tmp_path / "d", url=server.url("training.zip"), retries=0)
+    assert json.loads((root / FETCH_JSON).read_text())["sha256"] == sha(blob)
+    # a partial download from another URL is never resumed with this one's bytes
+    dest = tmp_path / "e"
+    server.files["other.zip"] = msd_tar()
+    server.drop_after, server.drops_left = 700, 1
+    with pytest.raises(FetchError, match="to resume"):
+        fetch_dataset("learn2reg-lungct", dest, url=server.url("other.zip"), retries=0)
+    assert partial_download(dest, "learn2reg-lungct", server.url("other.zip")).stat().st_size == 700
+    server.files["training2.zip"] = blob
+    root = fetch_dataset("learn2reg-lungct", dest, url=server.url("training2.zip"), sha256=sha(blob), retries=0)
+    assert server.requests[-1] is None and (root / "pairs.csv").is_file()
+
+
+def _damaged_zip() -> bytes:
+    blob = bytearray(lung_zip_deflated())
+    start = blob.index(b"case_001_exp.nii.gz") + len("case_001_exp.nii.gz")
+    blob[start + 5: start + 40] = b"\xff" * 35  # a broken deflate stream (zlib.error, not BadZipFile)
+    return bytes(blob)
+
+
+def lung_zip_deflated() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for case in ("case_001", "case_002"):
+            zf.writestr(f"training/scans/{case}_insp.nii.gz", np.arange(4000, dtype=np.int16).tobytes())
+            zf.writestr(f"training/scans/{case}_exp.nii.gz", np.arange(4000, dtype=np.int16).tobytes())
+    return buf.getvalue()
+
+
+def test_a_damaged_archive_is_one_line_and_deleted(server: ArchiveServer, tmp_path: Path) -> None:
+    server.files["bad.zip"] = bad = _damaged_zip()
+    dest = tmp_path / "d"
+    res = CliRunner().invoke(app, ["fetch-data", "learn2reg-lungct", "--dest", str(dest), "--url",
+                                   server.url("bad.zip"), "--sha256", sha(bad), "-q"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == FetchError.exit_code and len(lines) == 1 and "damaged" in lines[0], res.output
+    assert not dest.exists()  # the download went with it: a rerun downloads afresh
+
+
+def test_a_full_disk_while_unpacking_keeps_the_verified_download(
+    server: ArchiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import ctpassport.fetch as fetch
+
+    blob = lung_zip()
+    server.files["z.zip"] = blob
+    dest = tmp_path / "d"
+
+    def full(archive: Path, root: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch, "_unpack", full)
+    with pytest.raises(OutputError, match="No space left on device.*kept in"):
+        fetch_dataset("learn2reg-lungct", dest, url=server.url("z.zip"), retries=0)
+    part = partial_download(dest, "learn2reg-lungct", server.url("z.zip"))
+    assert part.read_bytes() == blob and not (dest / "learn2reg-lungct").exists()
+    assert [p.name for p in dest.iterdir() if p.name.startswith(".learn2reg")] == []
+    monkeypatch.undo()
+    monkeypatch.setenv("CTPASSPORT_CACHE_DIR", str(tmp_path / "cache"))
+    n = len(server.requests)
+    root = fetch_dataset("learn2reg-lungct", dest, url=server.url("z.zip"), retries=0)
+    assert server.requests[n:] == [f"bytes={len(blob)}-"]  # nothing downloaded again
+    assert "recorded now" in json.loads((root / FETCH_JSON).read_text())["checksum_source"]
+
+
+def test_leftovers_of_a_killed_unpack_are_removed(server: ArchiveServer, tmp_path: Path) -> None:
+    server.files["z.zip"] = blob = lung_zip()
+    dest = tmp_path / "d"
+    (dest / ".learn2reg-lungct.tmp-k1ll3d" / "scans").mkdir(parents=True)
+    (dest / ".other.tmp-x").mkdir()  # someone else's: kept
+    fetch_dataset("learn2reg-lungct", dest, url=server.url("z.zip"), sha256=sha(blob))
+    assert sorted(p.name for p in dest.iterdir()) == [".other.tmp-x", "learn2reg-lungct"]
+
+
+def test_checksums_given_for_a_dataset_already_there_must_match_it(server: ArchiveServer, tmp_path: Path) -> None:
+    server.files["z.zip"] = blob = lung_zip()
+    fetch_dataset("learn2reg-lungct", tmp_path, url=server.url("z.zip"), sha256=sha(blob))
+    n = len(server.requests)
+    assert fetch_dataset("learn2reg-lungct", tmp_path, url=server.url("z.zip"), sha256=sha(blob).upper()).is_dir()
+    with pytest.raises(OutputError, match="holds a download whose SHA256 is .*pass --force"):
+        fetch_dataset("learn2reg-lungct", tmp_path, url=server.url("y.zip"), sha256="1" * 64)
+    with pytest.raises(OutputError, match="whose MD5"):
+        fetch_dataset("learn2reg-lungct", tmp_path, md5="2" * 32)
+    assert len(server.requests) == n
+
+
+def test_learn2reg_lungct_is_a_learn2reg_task_folder(server: ArchiveServer, tmp_path: Path) -> None:
+    from ctpassport.register.validate import learn2reg_listed_pairs
+
+    server.files["z.zip"] = blob = lung_zip()
+    root = fetch_dataset("learn2reg-lungct", tmp_path, url=server.url("z.zip"), sha256=sha(blob))
+    pairs = learn2reg_listed_pairs(root)
+    assert [(f.name, m.name, test) for f, m, test in pairs] == [
+        ("case_001_insp.nii.gz", "case_001_exp.nii.gz", False), ("case_002_insp.nii.gz", "case_002_exp.nii.gz", False)]
+    assert all(f.is_file() and m.is_file() for f, m, _ in pairs)
+
+
+@pytest.mark.parametrize("dest,url,code,message", [
+    ("{d}/a_file/sub", None, 4, "lies under a file"),
+    ("{d}/fd", "http://[::1/t.tar", 5, "--url must be"),
+    ("{d}/fd", "http:///no-host.tar", 5, "--url must be"),
+    ("{d}/fd", "http://example.org/a file.tar", 5, "--url must be"),
+])
+def test_more_arguments_checked_before_any_download(tmp_path: Path, dest: str, url: str | None, code: int,
+                                                    message: str) -> None:
+    (tmp_path / "a_file").write_text("x")
+    res = CliRunner().invoke(app, ["fetch-data", "msd-spleen", "--dest", dest.format(d=tmp_path)]
+                             + (["--url", url] if url else []))
+    assert res.exit_code == code and len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.output
+
+
+def test_a_url_that_cannot_work_is_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctpassport.fetch as fetch
+
+    def no_sleep(_s: float) -> None:
+        raise AssertionError("retried")
+
+    monkeypatch.setattr(fetch.time, "sleep", no_sleep)
+    with pytest.raises(FetchError, match="download failed"):
+        download((tmp_path / "missing.tar").as_uri(), tmp_path / "x.part")

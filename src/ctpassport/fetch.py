@@ -24,6 +24,7 @@ import shutil
 import tarfile
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,8 +35,8 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from . import __version__
-from .errors import CTPassportError, InputError, OutputError, OutputExistsError
-from .io.atomic import OUTPUT_MARKER, atomic_path, write_text_atomic
+from .errors import ConfigError, CTPassportError, InputError, OutputError, OutputExistsError
+from .io.atomic import OUTPUT_MARKER, atomic_path, folder_lock, remove_leftovers, write_text_atomic
 
 FETCH_JSON = "ctpassport-fetch.json"
 CHUNK = 1 << 20
@@ -91,18 +92,25 @@ def _layout_msd_spleen(root: Path, dest: Path) -> dict[str, Any]:
             "labels": [f"labelsTr/{n}" for n in labels], "benchmark_input": "imagesTr"}
 
 
+#: The Learn2Reg task description the lung CT layout writes (read by ``validate-registration --learn2reg``).
+LUNGCT_TASK_JSON = "LungCT_dataset.json"
+
+
 def _layout_learn2reg_lungct(root: Path, dest: Path) -> dict[str, Any]:
     """Learn2Reg lung CT (inspiration/expiration pairs) -> ``scans/case_NNN_{insp,exp}.nii.gz``,
-    ``lungMasks/`` (and ``keypoints/`` when present) plus ``pairs.csv`` (case, fixed = inspiration,
-    moving = expiration)."""
+    ``lungMasks/``, ``pairs.csv`` (case, fixed = inspiration, moving = expiration) and a Learn2Reg task
+    description, :data:`LUNGCT_TASK_JSON` (the pairs as ``training_paired_images``), so that the folder is a
+    Learn2Reg task folder for ``validate-registration --learn2reg``. Keypoint CSVs, when the archive has a
+    ``keypoints/`` folder, go to ``keypointsTr/`` where that command looks for them (the 2020 training archive
+    has none: its keypoints were published separately; put their CSVs there, named like the scans)."""
     scans = _find_dir(root, "scans")
     if scans is None:
         raise FetchError("the archive has no scans/ folder (not the Learn2Reg lung CT training data?)")
     names = _move_clean(scans, dest / "scans")
-    for extra in ("lungMasks", "keypoints"):
+    for extra, to in (("lungMasks", "lungMasks"), ("keypoints", "keypointsTr")):
         d = _find_dir(root, extra)
         if d is not None:
-            _move_clean(d, dest / extra)
+            _move_clean(d, dest / to)
     pairs = []
     for n in names:
         if "_insp" in n:
@@ -114,8 +122,13 @@ def _layout_learn2reg_lungct(root: Path, dest: Path) -> dict[str, Any]:
         raise FetchError("the archive's scans/ folder holds no *_insp / *_exp pairs")
     lines = ["case,fixed,moving"] + [",".join(p) for p in pairs]
     (dest / "pairs.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    task = {"name": "LungCT", "description": "Learn2Reg 2020 task 2 lung CT training pairs, laid out by "
+            "ctpassport fetch-data (fixed: inspiration, moving: expiration)", "tensorImageSize": {"0": "3D"},
+            "modality": {"0": "CT"}, "numPairedTraining": len(pairs),
+            "training_paired_images": [{"fixed": f"./{f}", "moving": f"./{m}"} for _case, f, m in pairs]}
+    (dest / LUNGCT_TASK_JSON).write_text(json.dumps(task, indent=2) + "\n", encoding="utf-8")
     return {"cts": [f"scans/{n}" for n in names if n.endswith((".nii", ".nii.gz"))], "pairs": "pairs.csv",
-            "benchmark_input": "scans"}
+            "task_json": LUNGCT_TASK_JSON, "benchmark_input": "scans"}
 
 
 @dataclass(frozen=True)
@@ -214,8 +227,11 @@ def download(url: str, part: Path, *, retries: int = 3, timeout: float = 60.0,
             raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         except (URLError, HTTPException, ConnectionError, TimeoutError, OSError) as exc:
             attempt += 1
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, str | FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
+                # "no host given", a file:// URL naming nothing: trying again cannot help
+                raise FetchError(f"{url}: download failed ({reason})") from None
             if attempt > retries:
-                reason = getattr(exc, "reason", exc)
                 kept = part.stat().st_size if part.exists() else 0
                 raise FetchError(f"{url}: download failed ({reason}); run the command again"
                                  + (" to resume" if kept else ""),
@@ -267,9 +283,23 @@ def _safe_target(root: Path, name: str) -> Path:
     return target
 
 
+#: What a damaged or unsupported archive raises while it is read (not while files are written: OSError).
+_DAMAGED = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
+
+
 def unpack(archive: Path, into: Path) -> None:
-    """Unpack a tar (any compression) or zip archive into ``into``, refusing unsafe members."""
-    root = into.resolve()
+    """Unpack a tar (any compression) or zip archive into ``into``, refusing unsafe members.
+
+    A damaged archive (bad CRC, a broken deflate stream, truncated) or one that cannot be read here (an
+    encrypted member, an unsupported compression method) is a :class:`FetchError`; errors writing the files
+    (a full disk) stay :class:`OSError`."""
+    try:
+        _unpack(archive, into.resolve())
+    except _DAMAGED as exc:
+        raise FetchError(f"{archive.name}: damaged or unsupported archive ({type(exc).__name__}: {exc})") from None
+
+
+def _unpack(archive: Path, root: Path) -> None:
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
             for m in tf.getmembers():
@@ -301,15 +331,23 @@ def check_fetch_arguments(name: str, dest: str | Path, *, url: str | None = None
     http(s)/ftp/file, or checksums that are not 64 (SHA-256) / 32 (MD5) hex digits."""
     from urllib.parse import urlparse
 
-    from .errors import ConfigError, OutputError
-
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}", hint=f"choose one of {', '.join(DATASETS)}")
     d = Path(dest)
     if d.exists() and not d.is_dir():
         raise OutputError("is a file, but --dest must be a folder", d)
-    if url is not None and urlparse(url).scheme not in ("http", "https", "ftp", "file"):
-        raise ConfigError(f"--url must be an http(s), ftp or file URL, not {url!r}")
+    up = next((p for p in d.absolute().parents if p.exists()), None)
+    if up is not None and not up.is_dir():
+        raise OutputError(f"--dest {str(dest)!r} lies under a file, not a folder", up, "choose another --dest")
+    if url is not None:
+        try:
+            parsed = urlparse(url)
+            ok = parsed.scheme in ("http", "https", "ftp", "file") and not any(c.isspace() for c in url)
+            ok = ok and (parsed.scheme == "file" or bool(parsed.hostname))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--url must be an http(s), ftp or file URL with a host, not {url!r}")
     for flag, value, n in (("--sha256", sha256, 64), ("--md5", md5, 32)):
         if value is not None and not re.fullmatch(f"[0-9a-fA-F]{{{n}}}", value):
             raise ConfigError(f"{flag} must be {n} hexadecimal digits, not {value!r}")
@@ -332,6 +370,33 @@ def check_dataset_folder(folder: Path) -> None:
                           folder, "move it away or choose another --dest")
 
 
+def _same_archive(final: Path, sha256: str | None, md5: str | None) -> None:
+    """An already fetched ``final`` must be the archive the given checksums name, else :class:`OutputError`."""
+    try:
+        info = json.loads((final / FETCH_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    for flag, want, key in (("--sha256", sha256, "sha256"), ("--md5", md5, "md5")):
+        have = info.get(key) if isinstance(info, dict) else None
+        if want is not None and have != want.lower():
+            raise OutputError(f"holds a download whose {key.upper()} is {have}, not the {flag} given", final,
+                              "pass --force to fetch that archive instead")
+
+
+def partial_download(dest: Path, name: str, url: str) -> Path:
+    """Where the archive of dataset ``name`` from ``url`` downloads to (``DEST/.downloads/``): one partial file
+    per URL, so that a download resumed later never splices another URL's bytes onto this one's."""
+    tag = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
+    return dest / ".downloads" / f"{DATASETS[name].archive}.{tag}.part"
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot be created ({exc.strerror})", folder, "choose another --dest") from None
+
+
 def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256: str | None = None,
                   md5: str | None = None, force: bool = False, keep_archive: bool = False, retries: int = 3,
                   timeout: float = 60.0, progress: Callable[[int, int | None], None] | None = None,
@@ -339,8 +404,9 @@ def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256
     """Download, verify and unpack dataset ``name`` into ``dest/name``; returns that folder.
 
     ``url``/``sha256``/``md5`` override the dataset's (e.g. a mirror). An existing complete dataset
-    folder is kept as it is (:class:`OutputExistsError` with ``force=False`` only when the folder exists
-    but is not a finished download).
+    folder is kept as it is when it is the archive the given checksums name (:class:`OutputError` when it is
+    another; :class:`OutputExistsError` with ``force=False`` when the folder exists but is not a finished
+    download). A first-download SHA-256 is recorded only once the archive has unpacked into its layout.
     """
     check_fetch_arguments(name, dest, url=url, sha256=sha256, md5=md5)
     ds = DATASETS[name]
@@ -350,14 +416,29 @@ def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256
     note = say or (lambda _msg: None)
     if final.exists() and not force:
         if (final / FETCH_JSON).is_file():
+            _same_archive(final, sha256, md5)
             note(f"{final} is already there (delete it or pass --force to fetch again)")
             return final
         raise OutputExistsError(final)
     check_dataset_folder(final)
     created_dest = not dest.exists()
-    dest.mkdir(parents=True, exist_ok=True)
-    downloads = dest / ".downloads"
-    part = downloads / f"{ds.archive}.part"
+    _make_folder(dest)
+    part = partial_download(dest, name, src_url)
+    downloads = part.parent
+    _make_folder(downloads)
+    with folder_lock(downloads, f"is being used by another ctpassport fetch-data into {dest}",
+                     "wait for it to finish, or choose another --dest"):
+        remove_leftovers(dest, name)  # a killed run's half-unpacked copy
+        return _fetch_locked(ds, src_url, dest, part, created_dest, sha256=sha256, md5=md5,
+                             keep_archive=keep_archive, retries=retries, timeout=timeout, progress=progress,
+                             note=note)
+
+
+def _fetch_locked(ds: Dataset, src_url: str, dest: Path, part: Path, created_dest: bool, *, sha256: str | None,
+                  md5: str | None, keep_archive: bool, retries: int, timeout: float,
+                  progress: Callable[[int, int | None], None] | None, note: Callable[[str], None]) -> Path:
+    final = dest / ds.name
+    downloads = part.parent
     if sha256 or md5:  # explicit checksums replace the published ones
         expected_sha, expected_md5 = (sha256 or "").lower() or None, (md5 or "").lower() or None
         source: str | None = "given on the command line"
@@ -390,9 +471,9 @@ def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256
             clean_all()
             raise FetchError(f"{ds.archive}: {kind} mismatch: expected {want}, got {got}",
                              hint="the download was deleted; nothing was unpacked")
-    if source is None:
+    first = source is None  # trust on first use: recorded below, once the archive proved to be the dataset
+    if first:
         source = f"none known; SHA-256 recorded now as the reference for later downloads ({checksum_record_path()})"
-        _record_checksum(src_url, digests["sha256"])
     size = part.stat().st_size
     try:
         with atomic_path(final, is_dir=True, foreign_ok=True) as tmp:
@@ -401,16 +482,23 @@ def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256
             unpack(part, raw)
             info = ds.layout(raw, tmp)
             shutil.rmtree(raw)
-            info.update(dataset=name, description=ds.description, url=src_url, archive=ds.archive, bytes=size,
+            info.update(dataset=ds.name, description=ds.description, url=src_url, archive=ds.archive, bytes=size,
                         sha256=digests["sha256"], md5=digests["md5"], checksum_source=source,
                         license=ds.license, fetched=datetime.now(UTC).isoformat(timespec="seconds"),
                         ctpassport_version=__version__)
             write_text_atomic(tmp / FETCH_JSON, json.dumps(info, indent=2))
-    except (FetchError, tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
+    except FetchError:  # not the dataset's archive (damaged, unsafe, another layout): not worth keeping
         clean_all()
-        if isinstance(exc, FetchError):
-            raise
-        raise FetchError(f"{ds.archive}: cannot unpack ({exc})", hint="the download was deleted") from None
+        raise
+    except OSError as exc:  # writing failed (a full disk): the verified download stays for the next run
+        raise OutputError(f"cannot unpack the dataset here ({exc.strerror or exc})", dest,
+                          f"the verified download is kept in {part}; free space (or choose another --dest) "
+                          "and run the command again") from None
+    if first:
+        try:
+            _record_checksum(src_url, digests["sha256"])
+        except OutputError as exc:  # the dataset is fine; only later downloads go unchecked
+            note(f"warning: the SHA-256 was not recorded for later downloads: {exc}")
     if keep_archive:
         shutil.move(str(part), str(dest / ds.archive))
     clean_all()

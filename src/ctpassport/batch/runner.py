@@ -6,7 +6,6 @@ process, on a local process pool, or on a Dask distributed cluster, and keep ``b
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import os
@@ -16,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -26,7 +25,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import CTPassportError, InputError, OutputError, OutputExistsError
-from ..io.atomic import write_text_atomic
+from ..io.atomic import folder_lock, remove_leftovers, write_text_atomic
 from .discover import Case, discover_cases, input_signature
 from .worker import BatchOptions, read_case_record, run_case
 
@@ -101,39 +100,15 @@ def _is_case_dir(p: Path) -> bool:
 
 def clean_partial(out_dir: Path) -> list[Path]:
     """Remove what a killed run left: hidden ``.<case>.tmp-*`` / ``.<case>.old-*`` folders and files."""
-    removed: list[Path] = []
-    if not out_dir.is_dir():
-        return removed
-    for p in out_dir.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
+    return remove_leftovers(out_dir)
 
 
-@contextmanager
-def output_lock(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the batch output folder ``out_dir`` (``flock`` on the folder itself, no lock
-    file; released when the block ends or the process dies), so that a second batch into the same folder is
-    refused instead of removing the first one's temporary case folders or interleaving its summary."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock (one batch per output folder is then the user's business)
-        yield
-        return
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        busy = False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:  # other errors: a file system without locks (some network shares): run unlocked
-            busy = exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
-        if busy:
-            raise OutputError("is being written by another ctpassport batch", out_dir,
-                              "wait for it to finish, or choose another OUT_DIR")
-        yield
-    finally:
-        os.close(fd)
+def output_lock(out_dir: Path) -> AbstractContextManager[None]:
+    """Hold an exclusive lock on the batch output folder ``out_dir`` (see :func:`~ctpassport.io.atomic.folder_lock`),
+    so that a second batch into the same folder is refused instead of removing the first one's temporary case
+    folders or interleaving its summary."""
+    return folder_lock(out_dir, "is being written by another ctpassport batch",
+                       "wait for it to finish, or choose another OUT_DIR")
 
 
 def finished_record(case: Case, out_dir: Path, opts: BatchOptions | None = None,

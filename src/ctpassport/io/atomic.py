@@ -7,6 +7,7 @@ mistyped ``-o ~/Documents --force`` is refused instead of deleting what the fold
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -18,6 +19,45 @@ from ..errors import OutputError, OutputExistsError
 
 #: Name of the marker file every folder output holds; an existing folder is replaced only when it has one.
 OUTPUT_MARKER = ".ctpassport-output"
+
+
+@contextmanager
+def folder_lock(folder: Path, busy: str, hint: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself, no lock file; released when the
+    block ends or the process dies). Another holder: :class:`OutputError` ``busy`` (with ``hint``). A file
+    system without locks (some network shares) or a platform without ``fcntl`` runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        taken = False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            taken = exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
+        if taken:
+            raise OutputError(busy, folder, hint)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove what a killed writer left in ``folder``: the hidden temporary siblings ``.<name>.tmp-*`` and
+    ``.<name>.old-*`` of :func:`atomic_path` (of every name when ``name`` is None). Call it only while holding
+    :func:`folder_lock` on ``folder``, so that no live writer's temporary is removed."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        stem = p.name[1:].split(".tmp-")[0].split(".old-")[0]
+        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and name in (None, stem):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def check_writable(path: str | Path, force: bool, *, folder: bool = False) -> Path:
