@@ -544,3 +544,33 @@ def test_registration_error_is_a_message(app_tmp: Path) -> None:
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and errors[0].startswith("Registration: only 2 usable organ(s)"), errors
     assert at.session_state["reg"] is None and workspace_files(app_tmp) == []
+
+
+def test_segment_again_replaces_the_registration_of_the_old_labels(
+    app_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registration made from a study's earlier segmentation is not shown (or downloaded) with a new one; a
+    failed "Segment again" keeps its error on the page and the earlier results as they were."""
+    from ctpassport.app import core
+
+    at = demo_phantom(new_app(), seed=3, spacing=6.0)
+    at.button(key="reg_go").click().run()
+    reg = at.session_state["reg"]
+    assert reg is not None and not at.error
+    at.toggle(key="reference").set_value(False).run()  # labels from the model now: the settings changed
+    assert "segment_again" in [b.key for b in at.button]
+
+    def no_memory(*_a: Any, **_k: Any) -> Any:
+        raise MemoryError
+
+    monkeypatch.setattr(core, "segment_study", no_memory)
+    at.button(key="segment_again").click().run()
+    assert [e.value for e in at.error] == ["Segmentation: out of memory"]
+    assert at.session_state["reg"] is reg and reg.folder.is_dir()
+    monkeypatch.undo()
+    at.button(key="segment_again").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["seg"].model_kind != "reference"
+    assert at.session_state["reg"] is None and not reg.folder.exists()
+    assert not list(app_tmp.rglob("transform.h5"))
+    assert "TRE (true error)" not in [m.label for m in at.metric]

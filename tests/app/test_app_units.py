@@ -291,3 +291,46 @@ def test_import_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_small_file_declaring_a_huge_volume_is_refused_from_its_header(tmp_path: Path) -> None:
+    """The voxel limit is applied to the header's dimensions before any voxel is decompressed (a 1 MB .nii.gz
+    may declare gigabytes of zeros)."""
+    import gzip
+
+    from ctpassport.io.nifti import nifti_header_shape
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2000, 2000, 1000))
+    hdr.set_data_dtype(np.int16)
+    hdr.set_sform(np.diag([0.5, 0.5, 0.5, 1.0]), code=1)
+    raw = hdr.binaryblock + b"\0" * 4
+    path = tmp_path / "bomb.nii.gz"
+    with gzip.open(path, "wb") as fh:  # the header alone: the data would be 8 GB of int16
+        fh.write(raw)
+    assert nifti_header_shape(path) == (2000, 2000, 1000)
+    with pytest.raises(InputError, match="bomb.nii.gz: is too large: 4000 M voxels"):
+        core.load_path(path)
+    assert nifti_header_shape(tmp_path / "missing.nii") is None
+
+
+def test_study_summary_keeps_voxel_sizes(tmp_path: Path) -> None:
+    img = Image3D(data=np.zeros((4, 4, 4), np.int16), affine=np.diag([-0.703125, -0.703125, 1.25, 1.0]),
+                  header=nib.Nifti1Header())
+    study = core.Study(name="x", source="upload", image=img)
+    assert study.summary == "4x4x4 voxels @ 0.7031x0.7031x1.25 mm, LPS"
+
+
+def test_the_root_itself_may_be_a_dicom_series(tmp_path: Path) -> None:
+    (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 10)
+    assert core.server_studies(tmp_path) == ["./"]
+    assert core.resolve_under_root(tmp_path, "./") == tmp_path.resolve()
+
+
+def test_the_demo_model_named_explicitly_is_still_the_demo_model(tmp_path: Path) -> None:
+    demo = core.demo_model_dir()
+    if demo is None:
+        pytest.skip("the demo model is not shipped in this checkout")
+    env = {"TOTALSEG_HOME_DIR": str(tmp_path / "none"), "HOME": str(tmp_path)}
+    choice = core.choose_model(demo, environ=env)
+    assert choice.kind == "demo" and "not for patients" in choice.description

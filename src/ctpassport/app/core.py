@@ -8,6 +8,7 @@ millilitres (1 ml = 1000 mm^3); mean HU are Hounsfield units.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -59,11 +60,12 @@ class Study:
 
     @property
     def summary(self) -> str:
-        """``shape @ spacing`` and the orientation codes, e.g. ``122x101x30 @ 3.0x3.0x3.0 mm, RAS``."""
+        """``shape @ spacing`` and the orientation codes, e.g. ``512x512x281 voxels @ 0.7031x0.7031x1.25 mm, LPS``
+        (voxel sizes to 4 significant digits)."""
         from ..io.orientation import axcodes
 
         sh = "x".join(str(s) for s in self.image.shape)
-        sp = "x".join(f"{s:.2g}" for s in self.image.spacing)
+        sp = "x".join(f"{s:.4g}" for s in self.image.spacing)
         return f"{sh} voxels @ {sp} mm, {''.join(axcodes(self.image.affine))}"
 
 
@@ -84,12 +86,7 @@ def check_ct(image: Image3D, name: str) -> None:
     if min(shape) < 2:
         raise InputError(f"is a single slice (shape {shape}), expected a 3-D CT volume", name)
     n = int(np.prod(shape))
-    if n > MAX_VOXELS:
-        raise InputError(
-            f"is too large: {n / 1e6:.0f} M voxels (the app accepts up to {MAX_VOXELS / 1e6:.0f} M)",
-            name,
-            "crop or downsample it, or use `ctpassport segment` on the command line",
-        )
+    _check_voxels(n, name)
     data = image.data
     sample = data.ravel()[:: max(1, n // 2_000_000)]
     lo, hi = float(sample.min()), float(sample.max())
@@ -106,6 +103,15 @@ def check_ct(image: Image3D, name: str) -> None:
             f"(values {lo:.4g} to {hi:.4g})",
             name,
             "expected air around -1000 HU and fat around -100 HU; MR or normalised images do not work",
+        )
+
+
+def _check_voxels(n: int, name: str) -> None:
+    if n > MAX_VOXELS:
+        raise InputError(
+            f"is too large: {n / 1e6:.0f} M voxels (the app accepts up to {MAX_VOXELS / 1e6:.0f} M)",
+            name,
+            "crop or downsample it, or use `ctpassport segment` on the command line",
         )
 
 
@@ -167,10 +173,14 @@ def load_path(path: str | Path, *, display_name: str | None = None, source: str 
 
     Errors name ``display_name`` (default: the path) in one line.
     """
-    from ..io.load import load_ct
+    from ..io.load import is_nifti_name, load_ct
+    from ..io.nifti import nifti_header_shape
 
     p = Path(path)
     name = display_name or str(p)
+    declared = nifti_header_shape(p) if p.is_file() and is_nifti_name(p) else None
+    if declared:  # refused from the header, before a small compressed file decompresses to gigabytes
+        _check_voxels(math.prod(declared), name)
     try:
         image = load_ct(p)
     except CTPassportError as exc:
@@ -220,9 +230,9 @@ def server_studies(root: str | Path, *, max_entries: int = 500, max_depth: int =
         for f in files:
             if is_nifti_name(f) or f.lower().endswith(".zip"):
                 found.append(str((d / f).relative_to(base)))
-            elif not dicom_here and d != base and is_dicom_file(d / f):
+            elif not dicom_here and is_dicom_file(d / f):
                 dicom_here = True
-        if dicom_here:
+        if dicom_here:  # (the root itself, when it is a series folder: "./")
             found.append(str(d.relative_to(base)) + "/")
         if len(found) >= max_entries:
             break
@@ -277,7 +287,10 @@ def choose_model(explicit: str | Path | None = None, environ: dict[str, str] | N
     env = os.environ if environ is None else environ
     chosen = explicit if explicit not in (None, "") else env.get(MODEL_ENV) or None
     if chosen is not None:
-        return ModelChoice(locate_model(chosen), "configured")
+        path = locate_model(chosen)
+        demo = demo_model_dir()  # `ctpassport app --model demo` names it: keep saying what it is
+        is_demo = demo is not None and path.resolve() == locate_model(demo).resolve()
+        return ModelChoice(path, "demo" if is_demo else "configured")
     try:
         return ModelChoice(locate_model(None, environ=dict(env)), "installed")
     except ModelError:

@@ -57,14 +57,27 @@ class RegistrationRun:
     def has_images(self) -> bool:
         return self.warped is not None
 
+    def shift_at_organs_mm(self) -> float:
+        """How far the rigid part moves the baseline's anatomy: ``|R c + t - c|`` (mm) at ``c``, the mean of the
+        baseline passport's organ centroids (world mm, RAS+). The transform's own translation is measured about
+        the world origin, which scanners put anywhere (often a metre away at the table), so its length says
+        little about the patient's motion; this does not depend on where the origin is."""
+        organs = self.fixed.passport.organs
+        if not organs:
+            return float(np.linalg.norm(self.result.translation))
+        c = np.mean([o.centroid_mm for o in organs], axis=0)
+        rigid = self.result.transform.rigid
+        return float(np.linalg.norm(rigid.rotation @ c + rigid.translation - c))
+
     def metrics(self) -> dict[str, Any]:
-        """Headline numbers: organs used, RMS centroid residual (mm), rotation (deg), translation (mm), TRE."""
+        """Headline numbers: organs used, RMS centroid residual (mm), rotation (deg), translation (mm: the shift
+        of the baseline's organ centre, :meth:`shift_at_organs_mm`), TRE."""
         rigid = self.result.summary.get("rigid", {})
         out = {
             "organs used": rigid.get("organs_used"),
             "rigid RMS residual (mm)": rigid.get("rms_residual_mm"),
             "rotation (deg)": rigid.get("rotation_deg"),
-            "translation (mm)": float(np.linalg.norm(self.result.translation)),
+            "translation (mm)": self.shift_at_organs_mm(),
         }
         if self.tre is not None:
             out["TRE mean (mm)"] = self.tre["registered"]["mean"]
@@ -81,7 +94,7 @@ class RegistrationRun:
                 f"<p>Baseline (fixed) <b>{html.escape(self.fixed.name)}</b>, follow-up (moving) "
                 f"<b>{html.escape(self.moving.name)}</b>, tier <b>{html.escape(self.tier)}</b>: "
                 f"{m['organs used']} organs used, rigid RMS residual {m['rigid RMS residual (mm)']:.2f} mm, "
-                f"rotation {m['rotation (deg)']:.2f} deg, translation {m['translation (mm)']:.1f} mm, "
+                f"rotation {m['rotation (deg)']:.2f} deg, translation {m['translation (mm)']:.1f} mm (at the organs' centre), "
                 f"{self.seconds.get('register', 0.0):.2f} s.</p>"
             )
         ]

@@ -79,20 +79,31 @@ def max_upload_bytes() -> int:
     return mb * 2**20
 
 
-def set_study(ss: Any, study: core.Study) -> None:
-    """Make ``study`` the current one: forget the previous study, its segmentation and registration (and
-    their files in the workspace), reset the sliders."""
-    old, reg = ss.study, ss.reg
-    if old is not None and old.folder is not None:
-        ss.ws.remove(old.folder)
+def drop_registration(ss: Any) -> None:
+    """Forget the registration on the page and remove its files (and its follow-up's) from the workspace."""
+    reg = ss.reg
     if reg is not None:
         ss.ws.remove(reg.folder)
         if reg.moving.study is not None and reg.moving.study.folder is not None:
             ss.ws.remove(reg.moving.study.folder)
-    ss.study = study
-    ss.seg = None
     ss.reg = None
     ss.reg_views = None
+
+
+def involves_study(reg: Any, study: Any) -> bool:
+    """Whether registration ``reg`` has ``study`` (the page's current study) as its baseline or follow-up."""
+    return reg is not None and study is not None and any(s is study for s in (reg.fixed.study, reg.moving.study))
+
+
+def set_study(ss: Any, study: core.Study) -> None:
+    """Make ``study`` the current one: forget the previous study, its segmentation and registration (and
+    their files in the workspace), reset the sliders."""
+    old = ss.study
+    if old is not None and old.folder is not None:
+        ss.ws.remove(old.folder)
+    drop_registration(ss)
+    ss.study = study
+    ss.seg = None
     ss.view = viewer.canonical_view(study.image.data, study.image.affine)
     ss.load_n += 1
     for key in PLANE_KEYS.values():
@@ -174,15 +185,20 @@ def segment_with_progress(study: core.Study, settings: dict[str, Any]) -> core.S
             return None
 
 
-def run_segmentation(ss: Any, settings: dict[str, Any]) -> None:
+def run_segmentation(ss: Any, settings: dict[str, Any]) -> bool:
+    """Segment the current study; True when it worked. A registration of the study's earlier segmentation is
+    dropped: its labels, passport and residuals are not this run's."""
     run = segment_with_progress(ss.study, settings)
     if run is None:
-        return
+        return False
+    if involves_study(ss.reg, ss.study):
+        drop_registration(ss)
     run.settings = core.run_settings(settings, ss.study)  # what the page compares the settings with later
     ss.seg = run
     ss.view = ss.view.with_labels(viewer.canonical_labels(run.labels, ss.study.image.affine))
     for key in PLANE_KEYS.values():
         ss.pop(key, None)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -456,7 +472,7 @@ def downloads_tab(ss: Any) -> None:
     study, run = ss.study, ss.seg
     stem = downloads.stem_of(study.name)
     st.markdown("Files are made when you click.")
-    reg = ss.reg
+    reg = ss.reg if involves_study(ss.reg, study) else None  # (a store-vs-store one is not this study's)
     # (label, bytes maker, file name, MIME type, widget key, icon, disabled reason)
     buttons = [
         ("Label map (NIfTI)", lambda: downloads.labels_nifti(run.labels, study.image), f"{stem}_seg.nii.gz",
@@ -467,7 +483,8 @@ def downloads_tab(ss: Any) -> None:
          "application/json", "dl_passport", ":material/download:", None),
         ("Transform files (zip)", (lambda: downloads.folder_zip(reg.folder)) if reg else b"",
          f"{stem}_registration.zip", "application/zip", "dl_transform", ":material/download:",
-         None if reg else "Run a registration first"),
+         None if reg else ("The registration on the page does not involve this study" if ss.reg is not None
+                          else "Run a registration first")),
         ("Report (HTML)", lambda: downloads.report_html(study, run, reg), f"{stem}_report.html", "text/html",
          "dl_report", ":material/description:", None),
         ("Organ table (CSV)", lambda: downloads.organs_csv(run.passport), f"{stem}_organs.csv", "text/csv",
@@ -568,13 +585,8 @@ def registration_tab(ss: Any, settings: dict[str, Any]) -> None:
             with st.spinner(f"Registering ({tier})..."):
                 folder = ss.ws.path / f"registration-{ss.load_n}-{int(time.time() * 1000)}"
                 reg = run_registration(fixed, moving, tier, folder)
-            old = ss.reg
+            drop_registration(ss)
             ss.reg = reg
-            ss.reg_views = None
-            if old is not None:
-                ss.ws.remove(old.folder)
-                if old.moving.study is not None and old.moving.study.folder is not None:
-                    ss.ws.remove(old.moving.study.folder)
             for key in PLANE_KEYS.values():
                 ss.pop("reg_" + key, None)
         except Exception as exc:  # noqa: BLE001
@@ -599,7 +611,8 @@ def registration_results(ss: Any, reg: Any) -> None:
     cols[0].metric("Organs used", m["organs used"])
     cols[1].metric("Rigid RMS residual", f"{m['rigid RMS residual (mm)']:.2f} mm")
     cols[2].metric("Rotation", f"{m['rotation (deg)']:.2f}°")
-    cols[3].metric("Translation", f"{m['translation (mm)']:.1f} mm")
+    cols[3].metric("Translation", f"{m['translation (mm)']:.1f} mm",
+                   help="how far the rigid part moves the baseline's organs (at the mean of their centroids)")
     cols[4].metric("Time", f"{reg.seconds.get('register', 0.0):.2f} s")
     if reg.tre is not None:
         cols[5].metric(
@@ -819,9 +832,9 @@ def main() -> None:
             + "): the results below are from the earlier settings.",
             icon=":material/sync_problem:",
         )
-        if st.button("Segment again", key="segment_again", icon=":material/refresh:"):
-            run_segmentation(ss, settings)
-            st.rerun()
+        if st.button("Segment again", key="segment_again", icon=":material/refresh:") \
+                and run_segmentation(ss, settings):
+            st.rerun()  # (a failed run keeps its error on the page)
     segmentation_summary(ss)
     tabs = st.tabs(
         [

@@ -123,6 +123,26 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image | nib.Nifti2Image:
     return img
 
 
+def nifti_header_shape(path: str | Path) -> tuple[int, ...] | None:
+    """The data shape a NIfTI file's header declares (voxels, in stored axis order), read from the file's first
+    bytes only (a ``.nii.gz`` is decompressed just that far): to refuse a file that is too large before its
+    voxels are read. None when the file is not a readable NIfTI (:func:`load_nifti` says why)."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+        with (gzip.open(p, "rb") if gz else p.open("rb")) as fh:
+            raw = fh.read(540)
+        klass = _nifti_class(raw)
+        if klass is None:
+            return None
+        with _nibabel_logs_off():
+            hdr = klass.header_class.from_fileobj(io.BytesIO(raw), check=False)
+        return tuple(int(n) for n in hdr.get_data_shape())
+    except (OSError, EOFError, zlib.error, ValueError, HeaderDataError):
+        return None
+
+
 def _nifti_class(raw: bytes) -> type[nib.Nifti1Image | nib.Nifti2Image] | None:
     """NIfTI-1 or NIfTI-2 from ``sizeof_hdr`` and the magic string; None for anything else."""
     for order in ("<", ">"):
