@@ -169,9 +169,88 @@ def test_missing_slice_is_a_clear_error(series_dir: Path) -> None:
 
 
 def test_mixed_orientation_is_a_clear_error(series_dir: Path) -> None:
-    _edit(series_dir / "IM00007.dcm", ImageOrientationPatient=["1", "0", "0", "0", "0.9", "0.43589"])
+    for k in range(7, 11):  # more images than a few scouts
+        _edit(series_dir / f"IM{k:05d}.dcm", ImageOrientationPatient=["1", "0", "0", "0", "0.9", "0.43589"])
     with pytest.raises(InputError, match="slices have different orientations"):
         load_ct(series_dir)
+
+
+def test_one_image_in_another_orientation_is_not_a_slice(series_dir: Path) -> None:
+    """An image of another orientation inside the stack (not a scout) leaves its slice missing: refused."""
+    _edit(series_dir / "IM00007.dcm", ImageOrientationPatient=["1", "0", "0", "0", "0.9", "0.43589"])
+    with pytest.raises(InputError, match="uneven slice spacing"):
+        load_ct(series_dir)
+
+
+def test_an_untyped_scout_in_the_series_is_left_out(series_dir: Path, ct_sm) -> None:  # type: ignore[no-untyped-def]
+    """A scout whose ImageType does not say LOCALIZER, in the CT's series with the CT's image size: left out
+    as dicom2nifti (TotalSegmentator's reader) does, not a reason to refuse the series."""
+    ds = pydicom.dcmread(series_dir / "IM00001.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]  # coronal
+    ds.save_as(series_dir / "scout.dcm", enforce_file_format=True)
+    np.testing.assert_array_equal(load_ct(series_dir).data, ct_sm.data)
+
+
+def test_raw_data_sets_duplicates_and_linked_folders(series_dir: Path, tmp_path: Path, ct_sm) -> None:  # type: ignore[no-untyped-def]
+    """Files without the 128-byte preamble (raw data sets) are read like GDCM reads them, not skipped (which
+    shortened the volume when they were its end slices); the same instance twice is read once; a series in a
+    linked sub-folder is found."""
+    files = sorted(series_dir.iterdir())
+    for f in (files[0], files[-1]):
+        ds = pydicom.dcmread(f)
+        ds.preamble = None
+        del ds.file_meta  # a bare data set: no preamble, no file meta group
+        raw = tmp_path / "raw.dcm"
+        ds.save_as(raw, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        assert raw.read_bytes()[128:132] != b"DICM"
+        raw.replace(f)
+    shutil.copy(files[5], series_dir / "copy_of_IM00006.dcm")
+    top = tmp_path / "linked"
+    top.mkdir()
+    (top / "series").symlink_to(series_dir, target_is_directory=True)
+    (series_dir / "loop").symlink_to(top, target_is_directory=True)  # a link cycle is walked once
+    img = load_ct(top)
+    assert img.shape == ct_sm.shape
+    np.testing.assert_array_equal(img.data, ct_sm.data)
+    np.testing.assert_allclose(img.affine, load_ct(tmp_path / "study").affine)
+
+
+@pytest.mark.parametrize("vr", [b"VS", b"\x4c\x0f"])
+def test_a_damaged_header_value_names_the_file(series_dir: Path, vr: bytes) -> None:
+    f = series_dir / "IM00004.dcm"
+    raw = f.read_bytes()
+    tag = b"\x28\x00\x30\x00DS"  # PixelSpacing, explicit VR little endian
+    assert raw.count(tag) == 1
+    f.write_bytes(raw.replace(tag, b"\x28\x00\x30\x00" + vr))
+    with pytest.raises(InputError, match=r"IM00004\.dcm: damaged DICOM header"):
+        load_ct(series_dir)
+
+
+def test_enhanced_ct_of_a_tilted_stack_keeps_the_tilt(series_dir: Path, tmp_path: Path) -> None:
+    """An enhanced (multi-frame) CT of slices stepping slightly off their normal is placed where its frames say,
+    as the same slices read as single files are (highdicom's volume steps along the normal)."""
+    hd = pytest.importorskip("highdicom")
+    for k, f in enumerate(sorted(series_dir.iterdir())):
+        ds = pydicom.dcmread(f)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:.6f}", f"{y + 0.08 * k:.6f}", f"{z:.6f}"]  # ~1.5 degrees
+        ds.save_as(f, enforce_file_format=True)
+    single = load_ct(series_dir)
+    legacy = [pydicom.dcmread(f) for f in sorted(series_dir.iterdir())]
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, series_instance_uid=hd.UID(), series_number=9,
+                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    out = tmp_path / "enhanced"
+    out.mkdir()
+    mf.save_as(out / "enhanced.dcm", enforce_file_format=True)
+    multi = load_ct(out)
+    assert isinstance(multi, DicomImage3D) and multi.multiframe
+    m = np.linalg.solve(multi.affine, single.affine)  # single voxel -> multi voxel: a permutation/flip
+    np.testing.assert_allclose(m[:3, :3], np.round(m[:3, :3]), atol=1e-4)
+    np.testing.assert_allclose(m[:3, 3], np.round(m[:3, 3]), atol=1e-3)
+    corners = np.array([[i, j, k, 1.0] for i in (0, 121) for j in (0, 100) for k in (0, 29)])
+    np.testing.assert_allclose((corners @ single.affine.T)[:, :3],
+                               (np.rint(corners @ m.T) @ multi.affine.T)[:, :3], atol=1e-3)
 
 
 def test_duplicate_positions_are_a_clear_error(series_dir: Path) -> None:

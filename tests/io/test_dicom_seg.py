@@ -142,6 +142,8 @@ def test_seg_of_a_slightly_tilted_stack(tmp_path: Path, rng: np.random.Generator
         np.testing.assert_array_equal(ds.pixel_array[f].astype(bool), labels[:, :, k].T == cid)
         seen.add((cid, k))
     assert seen == {(c, int(k)) for c in (1, 5) for k in np.unique(np.nonzero(labels == c)[2])}
+    # and it reads back onto that same tilted series, voxel for voxel
+    np.testing.assert_array_equal(dicom_seg_labels(out, img), np.where(labels == 5, 5, labels))
 
 
 def test_errors(dicom_ct: DicomImage3D, ct_dir: Path, tmp_path: Path) -> None:
@@ -346,3 +348,23 @@ def test_segment_labels_other_tools_write() -> None:
     assert _class_id("kidney_left") == NAME_TO_ID["kidney_left"] == _class_id("Kidney Left")
     assert _class_id("Vertebrae L1") == NAME_TO_ID["vertebrae_L1"] == _class_id("vertebrae-l1")
     assert _class_id("Tumour") is None
+
+
+def test_a_seg_is_placed_only_on_the_series_it_was_made_from(tmp_path: Path) -> None:
+    """Another study's CT on the same grid is refused (frame of reference), and so is another series of the same
+    frame of reference that the SEG does not reference: the organs' HU would come from the wrong images."""
+    aff = np.diag([1.0, 1.0, 3.0, 1.0])
+    write_dicom_series(np.full((20, 16, 24), 40, np.int16), aff, tmp_path / "a", SeriesTags(uid_seed="A"))
+    write_dicom_series(np.full((20, 16, 24), 900, np.int16), aff, tmp_path / "b", SeriesTags(uid_seed="B"))
+    img = load_ct(tmp_path / "a")
+    assert isinstance(img, DicomImage3D)
+    labels = np.zeros(img.shape, np.uint8)
+    labels[3:12, 2:9, 2:20] = 1
+    out = write_dicom_seg(labels, img, {1: "spleen"}, tmp_path / "seg.dcm")
+    np.testing.assert_array_equal(dicom_seg_labels(out, img), labels)
+    with pytest.raises(InputError, match="its frame of reference .* is not the one of the CT given with it"):
+        dicom_seg_labels(out, load_ct(tmp_path / "b"))
+    write_dicom_series(np.full((20, 16, 24), 900, np.int16), aff, tmp_path / "c",
+                       SeriesTags(uid_seed="A", series_number=7, frame_of_reference_uid=img.meta.frame_of_reference_uid))
+    with pytest.raises(InputError, match="it was made on series .*not on the CT series given with it"):
+        dicom_seg_labels(out, load_ct(tmp_path / "c"))

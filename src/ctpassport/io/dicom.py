@@ -78,6 +78,7 @@ class SeriesInfo:
     description: str
     series_number: int | None
     instances: list[tuple[DicomSource, Any]] = field(default_factory=list)
+    sop_uids: set[str] = field(default_factory=set, repr=False)
 
     @property
     def n_images(self) -> int:
@@ -150,18 +151,51 @@ def _is_hidden(name: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in Path(name).parts)
 
 
-def _read_header(fp: str | Path | IO[bytes]) -> Any | None:
-    """The dataset without pixel data, or None when ``fp`` is not a DICOM instance we can use."""
+def _read_header(fp: str | Path | IO[bytes], name: str | Path) -> Any | None:
+    """The dataset without pixel data, or None when ``fp`` is not a DICOM instance we can use.
+
+    Files without the 128-byte preamble and ``DICM`` marker (raw data sets, as some older archives store them;
+    GDCM reads them too) are read when they parse as an image instance. A file with the marker whose header
+    cannot be parsed, or any of whose values cannot be decoded, is an :class:`InputError` naming ``name``:
+    skipping it would leave a gap (or a shorter volume) in its series."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
+    except InvalidDicomError:  # no preamble: a raw data set, or not DICOM at all
+        return _read_raw_header(fp)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a damaged header
+        raise InputError(f"damaged DICOM header ({_short(exc)})", name) from None
     if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
         return None  # DICOMDIR and other non-instance files
+    try:
+        for elem in ds.iterall():  # pydicom decodes values when first used: decode them now, here
+            _ = elem.value
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"damaged DICOM header ({_short(exc)})", name) from None
     return ds
+
+
+def _read_raw_header(fp: str | Path | IO[bytes]) -> Any | None:
+    import pydicom
+
+    if not isinstance(fp, (str, Path)):
+        fp.seek(0)
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        if not all(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Rows")):
+            return None
+        for elem in ds.iterall():
+            _ = elem.value
+    except Exception:  # noqa: BLE001 - not a data set: some other file
+        return None
+    return ds
+
+
+def _short(exc: BaseException) -> str:
+    text = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:120]}"
 
 
 def iter_instances(path: str | Path) -> Iterator[tuple[DicomSource, Any]]:
@@ -171,13 +205,19 @@ def iter_instances(path: str | Path) -> Iterator[tuple[DicomSource, Any]]:
     """
     p = Path(path)
     if p.is_dir():
-        for root, dirs, files in os.walk(p):
+        seen: set[Path] = set()
+        for root, dirs, files in os.walk(p, followlinks=True):  # (linked folders too, once each: no loops)
+            here = Path(root).resolve()
+            if here in seen:
+                dirs[:] = []
+                continue
+            seen.add(here)
             dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
             for name in sorted(files):
                 if _is_hidden(name) or name.upper() == "DICOMDIR":
                     continue
                 f = Path(root) / name
-                ds = _read_header(f)
+                ds = _read_header(f, f)
                 if ds is not None:
                     yield DicomSource(f), ds
         return
@@ -191,7 +231,7 @@ def iter_instances(path: str | Path) -> Iterator[tuple[DicomSource, Any]]:
                 continue
             try:
                 with zf.open(info) as member:  # seekable stream: the pixel data is not decompressed
-                    ds = _read_header(member)
+                    ds = _read_header(member, f"{p}:{info.filename}")
             except (zipfile.BadZipFile, EOFError) as exc:
                 raise InputError(f"corrupt member {info.filename!r} in the zip archive ({exc})", p) from None
             if ds is not None:
@@ -235,6 +275,10 @@ def scan_series(path: str | Path) -> list[SeriesInfo]:
             modality = str(ds.get("Modality", "") or "") or None
             info = by_uid[uid] = SeriesInfo(uid, modality, str(ds.get("SeriesDescription", "") or ""),
                                             _as_int(ds.get("SeriesNumber", None)))
+        sop = str(ds.SOPInstanceUID)
+        if sop in info.sop_uids:  # the same instance twice (a copy in another folder): read once
+            continue
+        info.sop_uids.add(sop)
         info.instances.append((src, ds))
     if not by_uid:
         what = "folder" if p.is_dir() else "zip archive"
@@ -274,6 +318,14 @@ def _floats(ds: Any, keyword: str, n: int, where: str) -> np.ndarray:
     return arr
 
 
+def _dim(ds: Any, keyword: str, where: str) -> int:
+    value = ds.get(keyword, 0) or 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"image has a malformed {keyword} ({str(value)[:40]})", where) from None
+
+
 def _fmt(v: Sequence[float]) -> str:
     return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
 
@@ -288,7 +340,7 @@ def stack_geometry(headers: Sequence[Any], where: str | Path) -> tuple[np.ndarra
     """
     where = str(where)
     n = len(headers)
-    sizes = {(int(h.get("Rows", 0) or 0), int(h.get("Columns", 0) or 0)) for h in headers}
+    sizes = {(_dim(h, "Rows", where), _dim(h, "Columns", where)) for h in headers}
     if len(sizes) > 1:
         raise InputError(f"the series mixes image sizes {sorted(sizes)} (rows, columns)", where,
                          "choose one stack with --series-uid or split the series")
@@ -322,7 +374,20 @@ def stack_geometry(headers: Sequence[Any], where: str | Path) -> tuple[np.ndarra
         raise InputError(
             f"{n_dup} image(s) repeat the slice position of another (e.g. at {_fmt(ipps[order[k]])} mm)",
             where, "several acquisitions, phases or echoes in one series; choose or split them")
-    pos = ipps[order]
+    step = _regular_step(ipps[order], normal, where)
+    affine = np.eye(4)
+    affine[:3, 0] = r * spacings[0][1]  # along a row: next column, spaced by PixelSpacing[1]
+    affine[:3, 1] = c * spacings[0][0]  # down a column: next row, spaced by PixelSpacing[0]
+    affine[:3, 2] = step
+    affine[:3, 3] = ipps[order[0]]
+    return order, affine
+
+
+def _regular_step(pos: np.ndarray, normal: np.ndarray, where: str) -> np.ndarray:
+    """The mean slice increment (LPS+ mm) of slice positions ``pos`` sorted along the slice normal; an
+    :class:`InputError` when the increments are uneven (missing slices, mixed stacks) or step more than
+    :data:`TILT_TOL` off the normal (gantry tilt)."""
+    n = len(pos)
     incs = np.diff(pos, axis=0)
     ref = np.median(incs, axis=0)
     dev = np.linalg.norm(incs - ref, axis=1)
@@ -339,17 +404,29 @@ def stack_geometry(headers: Sequence[Any], where: str | Path) -> tuple[np.ndarra
         angle = float(np.degrees(np.arccos(np.clip(step @ normal / np.linalg.norm(step), -1, 1))))
         raise InputError(f"slices are stacked {angle:.1f} degrees off their normal (gantry tilt)", where,
                          "resample the series to an orthogonal grid first (e.g. dcm2niix)")
-    affine = np.eye(4)
-    affine[:3, 0] = r * spacings[0][1]  # along a row: next column, spaced by PixelSpacing[1]
-    affine[:3, 1] = c * spacings[0][0]  # down a column: next row, spaced by PixelSpacing[0]
-    affine[:3, 2] = step
-    affine[:3, 3] = pos[0]
-    return order, affine
+    return step
 
 
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
+def _with_transfer_syntax(ds: Any) -> Any:
+    """A raw data set (no file meta) gets the uncompressed transfer syntax it was read with, so that its pixel
+    data can be decoded."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little = ds.original_encoding
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
 class _Opener:
     """Open instance files, keeping one zip archive open while a series is read."""
 
@@ -359,12 +436,13 @@ class _Opener:
     def read(self, src: DicomSource) -> Any:
         import pydicom
 
+        # (force: a raw data set without preamble was accepted as an instance when the headers were read)
         if src.member is None:
-            return pydicom.dcmread(src.path)
+            return _with_transfer_syntax(pydicom.dcmread(src.path, force=True))
         zf = self._zips.get(src.path)
         if zf is None:
             zf = self._zips[src.path] = zipfile.ZipFile(src.path)
-        return pydicom.dcmread(io.BytesIO(zf.read(src.member)))
+        return _with_transfer_syntax(pydicom.dcmread(io.BytesIO(zf.read(src.member)), force=True))
 
     def close(self) -> None:
         for zf in self._zips.values():
@@ -452,8 +530,28 @@ def _meta(series: SeriesInfo, first: Any, n_slices: int, sop_uids: Sequence[str]
     )
 
 
+#: At most this many images of a series may lie in another orientation than the rest and be left out as scouts.
+MAX_STRAY_IMAGES = 3
+
+
 def _volume_images(series: SeriesInfo) -> list[tuple[DicomSource, Any]]:
-    return [(s, ds) for s, ds in series.instances if not _is_localizer(ds)]
+    """The series' images that make the volume: localizers (ImageType LOCALIZER) left out, and, as dicom2nifti
+    (TotalSegmentator's reader) does, up to :data:`MAX_STRAY_IMAGES` images whose orientation differs from all
+    the others' (scouts without that type); more are a mixed series (:func:`stack_geometry` refuses it)."""
+    images = [(s, ds) for s, ds in series.instances if not _is_localizer(ds)]
+    groups: dict[tuple[float, ...], list[int]] = {}
+    for k, (_, ds) in enumerate(images):
+        try:
+            key = tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient", None) or ())
+        except (TypeError, ValueError):
+            key = ()
+        groups.setdefault(key, []).append(k)
+    if len(groups) < 2:
+        return images
+    main = max(groups.values(), key=len)
+    if len(images) - len(main) > MAX_STRAY_IMAGES or len(main) < 2 * (len(images) - len(main)) + 2:
+        return images
+    return [images[k] for k in main]
 
 
 def dicom_metadata(path: str | Path, series_uid: str | None = None) -> DicomMeta:
@@ -509,6 +607,33 @@ def read_dicom_ct(path: str | Path, series_uid: str | None = None) -> DicomImage
                         path=p, meta=meta, datasets=sorted_headers, multiframe=False)
 
 
+def _frame_positions_affine(ds: Any, affine_lps: np.ndarray, n_slices: int, where: str) -> np.ndarray:
+    """highdicom's volume affine of an enhanced CT (``[column, row, slice]`` -> LPS+ mm), checked against the
+    frames' own ImagePositionPatient: highdicom steps along the slice normal, so a stack with gantry tilt
+    (frames stepping off their normal) gets the frames' mean step instead, as single-frame series do (up to
+    :data:`TILT_TOL`; more is refused like theirs)."""
+    try:
+        groups = ds.PerFrameFunctionalGroupsSequence
+        pos = np.asarray([[float(v) for v in g.PlanePositionSequence[0].ImagePositionPatient] for g in groups],
+                         dtype=np.float64)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return affine_lps  # positions not per frame: nothing to check them against
+    if pos.ndim != 2 or pos.shape[1] != 3 or not np.all(np.isfinite(pos)):
+        return affine_lps
+    step = affine_lps[:3, 2]
+    normal = step / np.linalg.norm(step)
+    pos = pos[np.argsort(pos @ normal, kind="stable")]
+    keep = np.concatenate([[True], np.linalg.norm(np.diff(pos, axis=0), axis=1) > DUPLICATE_TOL_MM])
+    pos = pos[keep]  # (several frames per position: e.g. temporal positions)
+    predicted = affine_lps[:3, 3] + np.arange(n_slices)[:, None] * step
+    if len(pos) != n_slices or float(np.abs(pos - predicted).max()) <= 0.01:
+        return affine_lps
+    out = affine_lps.copy()
+    out[:3, 2] = _regular_step(pos, normal, where)
+    out[:3, 3] = pos[0]
+    return out
+
+
 def _read_multiframe(p: Path, series: SeriesInfo, image: tuple[DicomSource, Any]) -> DicomImage3D:
     """An enhanced (multi-frame) CT image, read and validated by highdicom's volume API."""
     import highdicom as hd
@@ -528,7 +653,8 @@ def _read_multiframe(p: Path, series: SeriesInfo, image: tuple[DicomSource, Any]
     if arr.ndim != 3:
         raise InputError(f"multi-frame image has {arr.ndim}-D pixel data, expected 3-D", str(src))
     # highdicom: array [slice, row, column], affine -> LPS+ mm; ours: [column, row, slice].
-    affine_lps = np.asarray(vol.affine, dtype=np.float64)[:, [2, 1, 0, 3]]
+    affine_lps = _frame_positions_affine(ds, np.asarray(vol.affine, dtype=np.float64)[:, [2, 1, 0, 3]],
+                                         arr.shape[0], str(src))
     data = np.ascontiguousarray(arr.transpose(2, 1, 0))
     integral = bool(np.all(data == np.round(data)))
     out = _compact(data, integral)

@@ -223,6 +223,41 @@ def _class_id(label: str) -> int | None:
     return _folded_class_ids().get(label.strip().lower().replace(" ", "_").replace("-", "_"))
 
 
+def _tilted_like(seg_affine: np.ndarray, ct_affine: np.ndarray) -> np.ndarray:
+    """The SEG volume's affine (LPS+ mm; highdicom's array axes slice, row, column) with its slice step taken from
+    the CT's when the CT stack is tilted (its slices step off their normal, ``ct_affine[:3, 2]`` not along it):
+    highdicom spaces a SEG's slices along the normal, but each frame sits at its source image's position, which
+    steps like the CT. Unchanged when the CT is not tilted or the spacing along the normal differs."""
+    step, seg_step = ct_affine[:3, 2], seg_affine[:3, 0]
+    size = float(np.linalg.norm(seg_step))
+    if size == 0 or np.linalg.norm(np.cross(step, seg_step)) <= 1e-6 * size * float(np.linalg.norm(step)):
+        return seg_affine
+    along = float(step @ seg_step) / size  # the CT's step along the SEG's slice direction (the normal)
+    if abs(abs(along) - size) > 1e-3 * size:
+        return seg_affine
+    out = seg_affine.copy()
+    out[:3, 0] = np.sign(along) * step
+    return out
+
+
+def _check_same_series(seg: Any, image: Any, path: str | Path) -> None:
+    """A SEG placed on a CT series must have been made on it: the same frame of reference and, when the SEG
+    lists its referenced series, the CT's among them (a grid that merely matches is another patient's CT)."""
+    meta = getattr(image, "meta", None)
+    if meta is None:
+        return
+    hint = "pass the CT series the SEG was made from"
+    ours, theirs = meta.frame_of_reference_uid, str(getattr(seg, "FrameOfReferenceUID", "") or "") or None
+    if ours and theirs and ours != theirs:
+        raise InputError(f"its frame of reference ({theirs}) is not the one of the CT given with it ({ours})",
+                         path, hint)
+    refs = {str(getattr(r, "SeriesInstanceUID", "")) for r in getattr(seg, "ReferencedSeriesSequence", [])}
+    refs.discard("")
+    if refs and meta.series_uid and meta.series_uid not in refs:
+        raise InputError(f"it was made on series {sorted(refs)[0]}, not on the CT series given with it "
+                         f"({meta.series_uid})", path, hint)
+
+
 def dicom_seg_labels(path: str | Path, image: Any) -> np.ndarray:
     """A DICOM SEG's segments as a TotalSegmentator label map on ``image``'s grid (``[column, row, slice]``,
     the CT series the SEG was made from; :func:`ctpassport.io.load.load_ct`).
@@ -236,6 +271,7 @@ def dicom_seg_labels(path: str | Path, image: Any) -> np.ndarray:
         seg, names = read_dicom_seg(path)
     except Exception as exc:  # noqa: BLE001  (pydicom/highdicom raise many types)
         raise InputError(f"cannot read the DICOM SEG ({str(exc).splitlines()[0][:200]})", path) from None
+    _check_same_series(seg, image, path)
     unknown = sorted(label for label in names.values() if _class_id(label) is None)
     if unknown:
         raise InputError(f"segment labels that are not TotalSegmentator class names: {', '.join(unknown[:5])}"
@@ -247,7 +283,7 @@ def dicom_seg_labels(path: str | Path, image: Any) -> np.ndarray:
         raise InputError(f"cannot place the SEG's frames in a volume ({str(exc).splitlines()[0][:200]})",
                          path) from None
     ours_lps = LPS_TO_RAS @ np.asarray(image.affine, dtype=np.float64)
-    m = np.linalg.solve(ours_lps, np.asarray(vol.affine, dtype=np.float64))  # SEG voxel -> our voxel
+    m = np.linalg.solve(ours_lps, _tilted_like(np.asarray(vol.affine, dtype=np.float64), ours_lps))
     if not (np.allclose(m[:3, :3], np.round(m[:3, :3]), atol=1e-3) and np.allclose(m[:3, 3], np.round(m[:3, 3]),
                                                                                      atol=1e-2)):
         raise InputError("its frames do not lie on the voxels of the CT given with it", path,
