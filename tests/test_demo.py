@@ -152,3 +152,12 @@ def test_tre_helpers() -> None:
     pts = sample_points(lab, aff, n=5)
     assert pts.shape == (5, 3) and np.all((pts >= 2) & (pts <= 4))
     assert dice_per_class(lab, lab) == {4: 1.0}
+
+
+def test_phantom_options_do_not_apply_to_user_files(tmp_path: Path) -> None:
+    a = tmp_path / "a.nii.gz"
+    res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "o"), "--baseline", str(a), "--follow-up", str(a),
+                                   "--seed", "7", "--orientation", "LPS", "-q"])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 5 and len(lines) == 1 and "--seed, --orientation describe the phantom demo" in lines[0]
+    assert not (tmp_path / "o").exists()

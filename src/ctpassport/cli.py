@@ -805,10 +805,10 @@ def demo_cmd(
     follow_up: Annotated[Path | None, typer.Option("--follow-up", help="Your follow-up CT (with --baseline).")] = None,
     true_transform: Annotated[Path | None, typer.Option("--true-transform", help="Known baseline->follow-up transform (phantom JSON) for the error against the truth.")] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home (default: installed weights, else the demo model).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Phantom seed.")] = 0,
-    motion_seed: Annotated[int, typer.Option("--motion-seed", help="Seed of the follow-up's known motion.")] = 1,
-    spacing: Annotated[str, typer.Option("--spacing", help="Phantom voxel size in mm (one or three values).")] = "3",
-    orientation: Annotated[str, typer.Option("--orientation", help="Phantom array axis codes, e.g. RAS or LPS.")] = "RAS",
+    seed: Annotated[int | None, typer.Option("--seed", help="Phantom seed [default: 0].")] = None,
+    motion_seed: Annotated[int | None, typer.Option("--motion-seed", help="Seed of the follow-up's known motion [default: 1].")] = None,
+    spacing: Annotated[str | None, typer.Option("--spacing", help="Phantom voxel size in mm (one or three values) [default: 3].")] = None,
+    orientation: Annotated[str | None, typer.Option("--orientation", help="Phantom array axis codes, e.g. RAS or LPS [default: RAS].")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="Inference backend (default: auto).")] = None,
     nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads (0 = all cores).")] = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output folder.")] = False,
@@ -817,8 +817,14 @@ def demo_cmd(
     """Run everything on a phantom (or your two scans): segment, passports, register, warp, report.html."""
     from .demo import run_demo
 
-    run_demo(output, baseline=baseline, follow_up=follow_up, true_transform=true_transform, model=model, seed=seed,
-             motion_seed=motion_seed, spacing=spacing, orientation=orientation, backend=backend,
+    phantom = {"--seed": seed, "--motion-seed": motion_seed, "--spacing": spacing, "--orientation": orientation}
+    given = [k for k, v in phantom.items() if v is not None]
+    if given and (baseline is not None or follow_up is not None):
+        raise ConfigError(f"{', '.join(given)} describe the phantom demo; they do not apply to --baseline/--follow-up",
+                          hint="leave them out, or leave out --baseline and --follow-up")
+    run_demo(output, baseline=baseline, follow_up=follow_up, true_transform=true_transform, model=model,
+             seed=0 if seed is None else seed, motion_seed=1 if motion_seed is None else motion_seed,
+             spacing=spacing or "3", orientation=orientation or "RAS", backend=backend,
              threads=nr_thr or None, force=force, log=lambda m: _say(quiet, m), warn=_warn)
 
 

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ctpassport.errors import InputError
 from ctpassport.io.nifti import spacing_from_affine
 from ctpassport.model.classes import NAME_TO_ID
 from ctpassport.phantom import (
@@ -214,3 +215,28 @@ def test_cli_phantom_writes_files_and_refuses_overwrite(tmp_path: Path) -> None:
                                    str(tmp_path / "yf.nii.gz"), "--follow-up-labels", str(tmp_path / "yf.txt")])
     assert bad.exit_code == 2 and "must end with .nii" in bad.output
     assert not list(tmp_path.glob("y*"))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["deformation"].update(diaphragm_center=[1.0, 2.0]), "3 numbers"),
+    (lambda d: d.update(rotation=[[1.0, 0.0], [0.0, 1.0]]), "rotation must be 3x3"),
+    (lambda d: d.update(translation=[1.0, 2.0]), "3 numbers"),
+    (lambda d: d["translation"].__setitem__(0, float("nan")), "not a finite number"),
+    (lambda d: d["deformation"].update(chest_length=0.0), "chest_length must be > 0"),
+    (lambda d: d["deformation"].update(sigma_z=-5.0), "sigma_z must be > 0"),
+    (lambda d: d.update(rotation=[[2.0, 0, 0], [0, 2.0, 0], [0, 0, 2.0]]), "not a rotation matrix"),
+    (lambda d: d.update(rotation=[[-1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]), "not a rotation matrix"),
+    (lambda d: d.update(direction="moving_to_fixed"), "direction is 'moving_to_fixed'"),
+    (lambda d: d.update(frame="world mm LPS"), "frame is 'world mm LPS'"),
+    (lambda d: d.update(version=99), "version 99 is newer"),
+    (lambda d: d["deformation"].update(extra=1.0), "malformed"),
+])
+def test_a_malformed_true_transform_is_refused(follow3, tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    d = follow3.motion.to_dict()
+    d["deformation"] = dict(d["deformation"])
+    edit(d)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(InputError, match=message) as e:
+        load_true_transform(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)

@@ -130,8 +130,41 @@ class TrueTransform:
 
     @classmethod
     def from_dict(cls, d: dict[str, object], path: Path | None = None) -> TrueTransform:
+        """Read :meth:`to_dict`'s form; :class:`InputError` for another kind, a newer version, another direction
+        or frame, and values that are not a finite rotation, vectors of 3, or positive widths and lengths."""
         if d.get("kind") != TRANSFORM_KIND:
             raise InputError(f"not a phantom true transform (kind {d.get('kind')!r})", path)
+        version = d.get("version", TRANSFORM_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version > TRANSFORM_VERSION:
+            raise InputError(f"true-transform version {version!r} is newer than this ctpassport reads "
+                             f"({TRANSFORM_VERSION})", path, "upgrade ctpassport")
+        for key, want in (("direction", "fixed_to_moving"), ("frame", "world mm RAS+")):
+            if key in d and d[key] != want:
+                raise InputError(f"true-transform {key} is {d[key]!r}; ctpassport's is {want!r}", path,
+                                 "write the transform baseline -> follow-up in world mm RAS+")
+        out = cls._parse(d, path)
+        out._check(path)
+        return out
+
+    def _check(self, path: Path | None) -> None:
+        r = self.R
+        vectors = np.asarray([*self.center, *self.translation, *self.deformation.diaphragm_center])
+        scalars = np.asarray([float(v) for k, v in asdict(self.deformation).items() if k != "diaphragm_center"])
+        if r.shape != (3, 3) or len(self.center) != 3 or len(self.translation) != 3 \
+                or len(self.deformation.diaphragm_center) != 3:
+            raise InputError("malformed phantom true transform (rotation must be 3x3; center, translation and "
+                             "deformation.diaphragm_center 3 numbers)", path)
+        if not (np.all(np.isfinite(r)) and np.all(np.isfinite(vectors)) and np.all(np.isfinite(scalars))):
+            raise InputError("malformed phantom true transform (a value is not a finite number)", path)
+        if not np.allclose(r @ r.T, np.eye(3), atol=1e-4) or np.linalg.det(r) <= 0:
+            raise InputError("malformed phantom true transform (rotation is not a rotation matrix)", path)
+        widths = {k: getattr(self.deformation, k) for k in ("sigma_z", "sigma_xy", "chest_sigma_z", "chest_length")}
+        bad = [k for k, v in widths.items() if v <= 0]
+        if bad:
+            raise InputError(f"malformed phantom true transform (deformation.{bad[0]} must be > 0 mm)", path)
+
+    @classmethod
+    def _parse(cls, d: dict[str, object], path: Path | None) -> TrueTransform:
         try:
             deform = dict(cast("dict[str, Any]", d["deformation"]))
             deform["diaphragm_center"] = tuple(float(v) for v in deform["diaphragm_center"])
