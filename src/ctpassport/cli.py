@@ -178,6 +178,18 @@ def _parse_device(device: str) -> int | None:
     return int(m.group(1) or 0)
 
 
+def _device_backend(backend: str | None, gpu: int | None) -> str | None:
+    """The backend for ``--backend`` and ``--device`` together: ``--device gpu[:N]`` always makes GPU N the
+    visible one (:func:`_gpu_backend`); ``auto`` (or no ``--backend``) then means cuda, a named backend runs as
+    named (a CPU one with a warning that the GPU is not used)."""
+    on_gpu = _gpu_backend(gpu)
+    if backend in (None, "", "auto"):
+        return on_gpu or backend
+    if on_gpu is not None and backend not in ("cuda", "gpu"):
+        _warn(f"--backend {backend} runs on the CPU: --device gpu is not used")
+    return backend
+
+
 def _gpu_backend(gpu: int | None) -> str | None:
     """The backend for ``--device``: None (auto, CPU) for the CPU, ``cuda`` on GPU ``gpu`` (made the visible
     one, within any ``CUDA_VISIBLE_DEVICES`` already set), or, as TotalSegmentator does, the CPU with a
@@ -286,7 +298,7 @@ def segment_cmd(
 
         check_seg_source(image)
     _warn_if_label_map(input, image.data)
-    chosen = backend or _gpu_backend(gpu)
+    chosen = _device_backend(backend, gpu)
     _say(quiet, "Loading model...")
     seg = Segmenter(model, backend=chosen, threads=nr_thr or None, config=cfg)
     _say(quiet, f"Model {seg.model.model_id} on {seg.backend_name}")

@@ -64,6 +64,24 @@ def test_an_export_is_not_reused_for_another_network_definition(standin_home: Pa
     monkeypatch.setattr(export, "export_onnx", fake_export)
     with pytest.raises(Exported):  # neither file is taken for the other definition: it is exported anew
         find_or_export_onnx(other, onnx_cache)
+    # a file that records no network definition (an older export) is not taken for any
+    import onnx
+
+    proto = onnx.load(str(moved.checkpoint.with_suffix(".onnx")))
+    keep = [p for p in proto.metadata_props if p.key != "network_sha256"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    onnx.save(proto, str(moved.checkpoint.with_suffix(".onnx")))
+    with pytest.raises(Exported):
+        find_or_export_onnx(moved, tmp_path / "empty_cache")
+
+
+def test_the_shipped_demo_onnx_records_its_network() -> None:
+    from ctpassport.model.demo import demo_model_dir
+
+    model = load_model_folder(demo_model_dir())
+    meta = onnx_metadata(model.checkpoint.with_suffix(".onnx"))
+    assert meta["network_sha256"] == model.network_sha256 and meta["checkpoint_sha256"] == model.checkpoint_sha256
 
 
 @pytest.mark.slow

@@ -414,3 +414,65 @@ def test_torch_backend_full_pipeline_on_cpu(tmp_path: Path, ct_dir: Path) -> Non
     conf = margin > 0.05
     assert conf.mean() > 0.3
     assert (got.labels[conf] == ref.labels[conf]).mean() > 0.999
+
+
+@pytest.mark.torch
+def test_int8_cache_key_covers_network_normalisation_and_calibration_content(tmp_path: Path, ct_dir: Path) -> None:
+    """The quantised model is cached per network definition, CT normalisation and calibration content, not just
+    per checkpoint and file names (a changed plans.json or other CTs of the same names reused a stale IR)."""
+    import json
+    import shutil
+
+    from ctpassport.bench.tiny import make_tiny_home
+    from ctpassport.model.folder import load_model_folder, locate_model
+    from ctpassport.segment.quantize import int8_cache_path
+
+    home = make_tiny_home(tmp_path / "tiny")
+    model = load_model_folder(locate_model(home))
+    ct = tmp_path / "calib" / "example_ct_sm.nii.gz"
+    ct.parent.mkdir()
+    shutil.copy(ct_dir / "example_ct_sm.nii.gz", ct)
+    base = int8_cache_path(model, [ct], tmp_path / "cache")
+    assert int8_cache_path(load_model_folder(model.path), [ct], tmp_path / "cache") == base
+    plans_path = model.path / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    props = plans["foreground_intensity_properties_per_channel"]["0"]
+    props["std"] = float(props["std"]) * 2
+    plans_path.write_text(json.dumps(plans))
+    assert int8_cache_path(load_model_folder(model.path), [ct], tmp_path / "cache") != base
+    props["std"] = float(props["std"]) / 2
+    plans_path.write_text(json.dumps(plans))
+    assert int8_cache_path(load_model_folder(model.path), [ct], tmp_path / "cache") == base
+    shutil.copy(ct_dir / "example_ct.nii.gz", ct)  # same name, other content
+    assert int8_cache_path(model, [ct], tmp_path / "cache") != base
+
+
+@pytest.mark.torch
+def test_torch_backend_needs_no_onnx_export(tmp_path: Path) -> None:
+    from ctpassport.bench.tiny import make_tiny_home
+    from ctpassport.config import Config
+    from ctpassport.segment.pipeline import Segmenter
+
+    home = make_tiny_home(tmp_path / "tiny")
+    for onnx in home.rglob("*.onnx"):
+        onnx.unlink()
+    seg = Segmenter(home, backend="torch", config=Config.from_env(cache_dir=tmp_path / "cache"))
+    assert seg.onnx_path is None and not list(tmp_path.rglob("*.onnx"))
+
+
+def test_device_gpu_with_a_named_backend(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``-d gpu:N`` makes GPU N the visible one whatever ``--backend`` says; ``auto`` then means cuda; a CPU backend
+    named with it runs as named, with a warning."""
+    from ctpassport import cli
+
+    monkeypatch.setattr(B, "cuda_available", lambda: True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cli._device_backend("cuda", 1) == "cuda"
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert cli._device_backend("auto", 0) == "cuda" and cli._device_backend(None, 0) == "cuda"
+    assert cli._device_backend("onnxruntime", 0) == "onnxruntime"
+    assert "--backend onnxruntime runs on the CPU" in capsys.readouterr().err
+    assert cli._device_backend("auto", None) == "auto" and cli._device_backend(None, None) is None

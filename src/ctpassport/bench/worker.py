@@ -173,7 +173,7 @@ class PipelineRunner:
         self.info = {"backend": self.seg.backend_name, "mode": self.seg.mode,
                      "precision": getattr(self.seg.backend, "precision", "fp32"),
                      "model_load_s": round(time.perf_counter() - t0, 3), "model_id": self.seg.model.model_id,
-                     "onnx": str(self.seg.onnx_path)}
+                     "onnx": str(self.seg.onnx_path) if self.seg.onnx_path is not None else None}
 
     def run(self, case: str, out: str, passport: str | None) -> dict[str, Any]:
         from ..segment.pipeline import Timings

@@ -133,8 +133,8 @@ def find_or_export_onnx(model: ModelFolder, cache_dir: Path) -> Path:
     """Return an ONNX export of ``model``, exporting once per checkpoint and network definition.
 
     Looked up in order: ``fold_0/checkpoint_final.onnx`` shipped beside the checkpoint (used when its
-    recorded checkpoint hash matches, and its network hash where it records one), then the cache; otherwise
-    exported into the cache (needs torch).
+    recorded checkpoint and network hashes match; a file that records no network hash is stale), then the
+    cache; otherwise exported into the cache (needs torch).
     """
     sha, net = model.checkpoint_sha256, model.network_sha256
     for cand in (model.checkpoint.with_suffix(".onnx"), cached_onnx_path(model, cache_dir)):
@@ -143,7 +143,7 @@ def find_or_export_onnx(model: ModelFolder, cache_dir: Path) -> Path:
                 meta = onnx_metadata(cand)
             except Exception:  # noqa: BLE001 - unreadable cache entry: re-export below
                 continue
-            if meta.get("checkpoint_sha256") == sha and meta.get("network_sha256", net) == net:
+            if meta.get("checkpoint_sha256") == sha and meta.get("network_sha256") == net:
                 return cand
     target = cached_onnx_path(model, cache_dir)
     try:

@@ -375,6 +375,9 @@ BACKENDS: dict[str, BackendFactory] = {
     "torch": _torch("cpu"),
 }
 
+#: Backends that run the PyTorch checkpoint itself (no ONNX export).
+TORCH_BACKENDS = ("cuda", "torch")
+
 #: Backends that compute in float32 (parity bar: Dice >= 0.995); the others are reduced precision (>= 0.99).
 FP32_BACKENDS = ("onnxruntime", "openvino", "torch")
 
@@ -450,7 +453,11 @@ def resolve_backend_name(name: str) -> str:
     return name
 
 
-def create_backend(name: str, onnx_path: Path, threads: int | None = None, *,
+def create_backend(name: str, onnx_path: Path | None, threads: int | None = None, *,
                    model: ModelFolder | None = None, cache_dir: Path | None = None) -> Backend:
-    """Create the backend ``name`` (``auto`` picks one) for an exported model."""
-    return BACKENDS[resolve_backend_name(name)](onnx_path, threads, model=model, cache_dir=cache_dir)
+    """Create the backend ``name`` (``auto`` picks one) for an exported model (``onnx_path``; None for the
+    :data:`TORCH_BACKENDS`, which run ``model``'s checkpoint)."""
+    resolved = resolve_backend_name(name)
+    if onnx_path is None and resolved not in TORCH_BACKENDS:
+        raise ModelError(f"backend {resolved!r} runs an ONNX export: give its path")
+    return BACKENDS[resolved](onnx_path, threads, model=model, cache_dir=cache_dir)

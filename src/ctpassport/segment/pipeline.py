@@ -25,7 +25,7 @@ from ..model.classes import resolve_roi_subset
 from ..model.export import find_or_export_onnx
 from ..model.folder import ModelFolder, load_model_folder, locate_model
 from ..types import Affine
-from .backends import Backend, create_backend, default_threads, resolve_backend_name
+from .backends import TORCH_BACKENDS, Backend, create_backend, default_threads, resolve_backend_name
 from .postprocess import model_grid_labels, to_input_grid
 from .preprocess import NetworkInput, Resampled, network_input, to_model_grid
 from .sliding_window import Accumulate, argmax_channels, sliding_window_labels, sliding_window_logits, tiles
@@ -106,8 +106,10 @@ class Segmenter:
         self.config = config or Config.from_env()
         t0 = time.perf_counter()
         self.model = model if isinstance(model, ModelFolder) else load_model_folder(locate_model(model))
-        self.onnx_path = find_or_export_onnx(self.model, self.config.cache_dir)
         self.backend_name = resolve_backend_name(backend or self.config.backend)
+        # the PyTorch backends run the checkpoint itself: no ONNX export to make (or to need a cache for)
+        self.onnx_path: Path | None = (None if self.backend_name in TORCH_BACKENDS
+                                       else find_or_export_onnx(self.model, self.config.cache_dir))
         threads = threads if threads is not None else (self.config.threads or None)
         self.threads = default_threads(threads)
         self.backend: Backend = create_backend(self.backend_name, self.onnx_path, threads, model=self.model,

@@ -15,12 +15,13 @@ exceeds 0.5 (bar: 0.999), so ``auto`` never chooses it; ``openvino-int8`` stays 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import ModelError, OutputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.folder import ModelFolder
@@ -100,8 +101,15 @@ def quantize_int8(model: ModelFolder, onnx_path: Path, out_xml: Path, images: li
 
 
 def int8_cache_path(model: ModelFolder, images: list[Path], cache_dir: Path) -> Path:
-    """``<cache>/openvino/<checkpoint sha>-int8-<calibration key>/model.xml``."""
-    key = hashlib.sha256("\n".join(sorted(p.name for p in images)).encode()).hexdigest()[:10]
+    """``<cache>/openvino/<checkpoint sha>-int8-<key>/model.xml``; the key covers everything else the quantised
+    model depends on: the network definition, the CT normalisation, patch size and spacing (which shape the
+    calibration inputs) and the calibration CTs' content."""
+    from ..io.load import source_sha256
+
+    parts = {"network": model.network_sha256, "intensity": model.intensity_properties,
+             "patch": list(model.patch_size), "spacing": list(model.spacing),
+             "images": sorted(source_sha256(p) for p in images)}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir / "openvino" / f"{model.checkpoint_sha256}-int8-{key}" / "model.xml"
 
 
@@ -118,4 +126,9 @@ def find_or_quantize_int8(model: ModelFolder, onnx_path: Path, cache_dir: Path |
     path = int8_cache_path(model, imgs, cache)
     if path.is_file() and path.with_suffix(".bin").is_file():
         return path
+    try:  # before the minute of calibration, not after it
+        path.parent.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the OpenVINO cache folder ({exc.strerror or exc})", path.parent.parent,
+                          "set CTPASSPORT_CACHE_DIR to a writable folder") from None
     return quantize_int8(model, Path(onnx_path), path, imgs)
