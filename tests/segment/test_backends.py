@@ -476,3 +476,9 @@ def test_device_gpu_with_a_named_backend(monkeypatch: pytest.MonkeyPatch, capsys
     assert cli._device_backend("onnxruntime", 0) == "onnxruntime"
     assert "--backend onnxruntime runs on the CPU" in capsys.readouterr().err
     assert cli._device_backend("auto", None) == "auto" and cli._device_backend(None, None) is None
+
+
+def test_thread_counts_are_capped_like_the_setting() -> None:
+    assert B.default_threads(3) == 3 and B.default_threads(None) >= 1
+    with pytest.raises(ConfigError, match="100000 inference threads is more than 1024"):
+        B.default_threads(100_000)

@@ -47,8 +47,16 @@ class Backend(Protocol):
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+#: The most inference threads asked for (as ``CTPASSPORT_THREADS`` allows): more only slows the run down.
+MAX_THREADS = 1024
+
+
 def default_threads(threads: int | None) -> int:
-    """``threads`` if positive, else the CPUs this process may use (its affinity mask)."""
+    """``threads`` if positive (at most :data:`MAX_THREADS`, else :class:`ConfigError`), else the CPUs this
+    process may use (its affinity mask)."""
+    if threads and threads > MAX_THREADS:
+        raise ConfigError(f"{threads} inference threads is more than {MAX_THREADS}",
+                          hint="use 0 (all the cores this process may use) or the number of cores")
     if threads and threads > 0:
         return int(threads)
     try:
