@@ -14,8 +14,10 @@ exceeds 0.5 (bar: 0.999), so ``auto`` never chooses it; ``openvino-int8`` stays 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,8 +95,9 @@ def quantize_int8(model: ModelFolder, onnx_path: Path, out_xml: Path, images: li
 
     data = calibration_inputs(model, images, n=n)
     ov_model = ov.Core().read_model(str(onnx_path))
-    quantized = nncf.quantize(ov_model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True,
-                              preset=nncf.QuantizationPreset.MIXED)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the command's output
+        quantized = nncf.quantize(ov_model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True,
+                                  preset=nncf.QuantizationPreset.MIXED)
     with atomic_path(out_xml.parent, is_dir=True, foreign_ok=True) as tmp:  # the .xml and its .bin appear together
         ov.save_model(quantized, str(tmp / out_xml.name), compress_to_fp16=False)
     return out_xml
