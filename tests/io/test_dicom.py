@@ -227,24 +227,29 @@ def test_a_damaged_header_value_names_the_file(series_dir: Path, vr: bytes) -> N
         load_ct(series_dir)
 
 
+def enhanced_copy(series_dir: Path, out: Path) -> DicomImage3D:
+    """The single-frame series in ``series_dir`` converted to one enhanced CT image in ``out``, read back."""
+    hd = pytest.importorskip("highdicom")
+    legacy = [pydicom.dcmread(f) for f in sorted(series_dir.iterdir())]
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, series_instance_uid=hd.UID(), series_number=9,
+                                                  sop_instance_uid=hd.UID(), instance_number=1)
+    out.mkdir()
+    mf.save_as(out / "enhanced.dcm", enforce_file_format=True)
+    img = load_ct(out)
+    assert isinstance(img, DicomImage3D) and img.multiframe
+    return img
+
+
 def test_enhanced_ct_of_a_tilted_stack_keeps_the_tilt(series_dir: Path, tmp_path: Path) -> None:
     """An enhanced (multi-frame) CT of slices stepping slightly off their normal is placed where its frames say,
     as the same slices read as single files are (highdicom's volume steps along the normal)."""
-    hd = pytest.importorskip("highdicom")
     for k, f in enumerate(sorted(series_dir.iterdir())):
         ds = pydicom.dcmread(f)
         x, y, z = (float(v) for v in ds.ImagePositionPatient)
         ds.ImagePositionPatient = [f"{x:.6f}", f"{y + 0.08 * k:.6f}", f"{z:.6f}"]  # ~1.5 degrees
         ds.save_as(f, enforce_file_format=True)
     single = load_ct(series_dir)
-    legacy = [pydicom.dcmread(f) for f in sorted(series_dir.iterdir())]
-    mf = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, series_instance_uid=hd.UID(), series_number=9,
-                                                  sop_instance_uid=hd.UID(), instance_number=1)
-    out = tmp_path / "enhanced"
-    out.mkdir()
-    mf.save_as(out / "enhanced.dcm", enforce_file_format=True)
-    multi = load_ct(out)
-    assert isinstance(multi, DicomImage3D) and multi.multiframe
+    multi = enhanced_copy(series_dir, tmp_path / "enhanced")
     m = np.linalg.solve(multi.affine, single.affine)  # single voxel -> multi voxel: a permutation/flip
     np.testing.assert_allclose(m[:3, :3], np.round(m[:3, :3]), atol=1e-4)
     np.testing.assert_allclose(m[:3, 3], np.round(m[:3, 3]), atol=1e-3)
@@ -345,15 +350,7 @@ def test_nifti_dispatch_and_hash(ct_dir: Path) -> None:
 
 
 def test_multiframe_enhanced_ct(series_dir: Path, tmp_path: Path, ct_sm) -> None:  # type: ignore[no-untyped-def]
-    hd = pytest.importorskip("highdicom")
-    legacy = [pydicom.dcmread(f) for f in sorted(series_dir.iterdir())]
-    mf = hd.legacy.LegacyConvertedEnhancedCTImage(legacy, series_instance_uid=hd.UID(), series_number=9,
-                                                  sop_instance_uid=hd.UID(), instance_number=1)
-    out = tmp_path / "enhanced"
-    out.mkdir()
-    mf.save_as(out / "enhanced.dcm", enforce_file_format=True)
-    img = load_ct(out)
-    assert isinstance(img, DicomImage3D) and img.multiframe
+    img = enhanced_copy(series_dir, tmp_path / "enhanced")
     # Same world geometry and values as the single-frame series (axis order may differ).
     ref = load_ct(series_dir)
     m = np.linalg.solve(img.affine, ref.affine)
