@@ -173,6 +173,8 @@ def test_filter_rows() -> None:
 def test_workspace(tmp_path: Path) -> None:
     ws = Workspace("abc", base=tmp_path)
     assert ws.path.parent.name == f"{ROOT_PREFIX}{os.getpid()}" and ws.path.is_dir()
+    # patients' data: no other user may enter the server's folder or a session's
+    assert ws.path.parent.stat().st_mode & 0o077 == 0 and ws.path.stat().st_mode & 0o077 == 0
     with pytest.raises(RuntimeError), ws.run_folder("upload") as f:
         (f / "a.nii.gz").write_bytes(b"x")
         raise RuntimeError("failed run")

@@ -63,7 +63,8 @@ def server_root(base: str | Path | None = None) -> Path:
     tmp = Path(base) if base is not None else Path(tempfile.gettempdir())
     sweep_stale(tmp)
     root = tmp / f"{ROOT_PREFIX}{os.getpid()}"
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root, 0o700)  # patients' data (uploads, segmentations, registrations): this server's user only
     if root not in _ROOTS:
         _ROOTS.add(root)
         atexit.register(shutil.rmtree, str(root), True)  # after the sessions' own finalizers
@@ -91,7 +92,7 @@ class Workspace:
     def __init__(self, session_id: str | None = None, base: str | Path | None = None) -> None:
         tag = safe_name(session_id or "session", "session")[:40]
         self.path = server_root(base) / f"{tag}-{uuid.uuid4().hex[:12]}"
-        self.path.mkdir(parents=True)
+        self.path.mkdir(parents=True, mode=0o700)
         self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 
     @property
