@@ -128,7 +128,6 @@ def test_bad_input_one_line_error_and_no_output(case: str, tmp_path: Path) -> No
     (["-d", "GPU"], 5, "--device must be cpu, gpu or gpu:N"),
     (["--ml", "-o", "seg.nrrd"], 2, "must end with .nii or .nii.gz"),
     (["-nr", "-1"], 5, "--nr_thr must be >= 0"),
-    (["-sii"], 5, "add -s (--statistics)"),
     (["--statistics-path", "s.json"], 5, "add -s (--statistics)"),
     (["--ts-unsupported", "-ff"], 5, "TotalSegmentator's -ff is not supported (the 6 mm model"),
 ])
@@ -341,3 +340,23 @@ def test_command_lines_the_parser_cannot_read_are_one_line(argv: list[str], word
         with pytest.raises(SystemExit) as done:
             main()
         assert done.value.code == 0 and capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module,args,extra", [
+    ("sqlalchemy", ["store", "list"], "store"),
+    ("pydicom", ["segment", "-i", "{d}", "-o", "{t}/x.nii.gz"], "dicom"),
+])
+def test_a_missing_optional_package_is_one_line_naming_its_extra(
+    module: str, args: list[str], extra: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from ctpassport.io.dicom_write import SeriesTags, write_dicom_series
+
+    write_dicom_series(np.zeros((8, 8, 4), np.int16), np.eye(4), tmp_path / "dcm", SeriesTags())
+    monkeypatch.setenv("CTPASSPORT_DB", str(tmp_path / "s.sqlite"))
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    res = CliRunner().invoke(app, [a.format(d=tmp_path / "dcm", t=tmp_path) for a in args])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert f"needs the optional package {module} (pip install 'ctpassport[{extra}]')" in lines[0]

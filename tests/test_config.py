@@ -56,3 +56,17 @@ def test_a_config_built_directly_is_checked_too() -> None:
 
     with pytest.raises(ValidationError, match="not a known backend"):
         Config(backend="gpu9")
+
+
+def test_shared_default_is_beside_the_checkout_or_the_working_folder(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctpassport.config as config
+
+    here = Path(config.__file__).resolve().parents[2]
+    assert config._default_shared_dir() == (here / ".." / "shared").resolve()  # a source checkout
+    fake = tmp_path / "site-packages" / "ctpassport" / "config.py"  # an installed package: no checkout
+    monkeypatch.setattr(config, "__file__", str(fake))
+    work = tmp_path / "work" / "project"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert config._default_shared_dir() == (tmp_path / "work" / "shared").resolve()

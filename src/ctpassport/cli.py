@@ -38,6 +38,16 @@ def _err(message: str) -> None:
     typer.echo(f"ctpassport: error: {message}", err=True)
 
 
+#: Optional packages (top-level module -> the extra that installs it): a command that needs one that is missing
+#: fails in one line naming the extra (exit 1), not with an internal error.
+OPTIONAL_PACKAGES = {
+    "sqlalchemy": "store", "psycopg": "store", "pydicom": "dicom", "highdicom": "dicom", "dask": "batch",
+    "distributed": "batch", "matplotlib": "viz", "plotly": "viz", "streamlit": "app", "openvino": "openvino",
+    "nncf": "openvino", "torch": "torch", "dynamic_network_architectures": "torch", "totalsegmentator": "vanilla",
+    "nnunetv2": "vanilla",
+}
+
+
 def handle_errors(func: F) -> F:
     """Turn expected errors into one line on stderr and a nonzero exit code."""
 
@@ -67,11 +77,19 @@ def handle_errors(func: F) -> F:
             raise typer.Exit(141) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
+        except ModuleNotFoundError as exc:  # an optional package this command needs is not installed
+            package = (exc.name or "").split(".")[0]
+            extra = OPTIONAL_PACKAGES.get(package)
+            if extra is None or _STATE["debug"]:
+                raise
+            _err(f"this needs the optional package {package} (pip install 'ctpassport[{extra}]')")
+            raise typer.Exit(1) from None
         except Exception as exc:
             if _STATE["debug"]:
                 raise
             first = (str(exc).splitlines() or [""])[0][:300]
-            _err(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)")
+            _err(f"internal error: {type(exc).__name__}: {first} (rerun as `ctpassport --debug ...` for the "
+                 "traceback)")
             raise typer.Exit(70) from None
 
     return wrapper  # type: ignore[return-value]
@@ -267,8 +285,8 @@ def segment_cmd(
                        body_seg=body_seg, unsupported=ts_unsupported or [])
     if nr_thr < 0:
         raise ConfigError(f"--nr_thr must be >= 0 (0: all cores), not {nr_thr}")
-    if (stats_file is not None or stats_include_incomplete) and not statistics:
-        raise ConfigError("--statistics-path and -sii shape the statistics: add -s (--statistics)")
+    if stats_file is not None and not statistics:  # (-sii without -s changes nothing, as in TotalSegmentator)
+        raise ConfigError("--statistics-path names the statistics file: add -s (--statistics)")
     _check_choice("--output-type", output_type, ("nifti", "dicom_seg"))
     gpu = _parse_device(device)
     _check_choice("--passport-grid", passport_grid, _passport_grids())
@@ -817,10 +835,10 @@ def demo_cmd(
     follow_up: Annotated[Path | None, typer.Option("--follow-up", help="Your follow-up CT (with --baseline).")] = None,
     true_transform: Annotated[Path | None, typer.Option("--true-transform", help="Known baseline->follow-up transform (phantom JSON) for the error against the truth.")] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="Trainer folder or TotalSegmentator home (default: installed weights, else the demo model).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Phantom seed [default: 0].")] = None,
-    motion_seed: Annotated[int | None, typer.Option("--motion-seed", help="Seed of the follow-up's known motion [default: 1].")] = None,
-    spacing: Annotated[str | None, typer.Option("--spacing", help="Phantom voxel size in mm (one or three values) [default: 3].")] = None,
-    orientation: Annotated[str | None, typer.Option("--orientation", help="Phantom array axis codes, e.g. RAS or LPS [default: RAS].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Phantom seed.", show_default="0")] = None,
+    motion_seed: Annotated[int | None, typer.Option("--motion-seed", help="Seed of the follow-up's known motion.", show_default="1")] = None,
+    spacing: Annotated[str | None, typer.Option("--spacing", help="Phantom voxel size in mm (one or three values).", show_default="3")] = None,
+    orientation: Annotated[str | None, typer.Option("--orientation", help="Phantom array axis codes, e.g. RAS or LPS.", show_default="RAS")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="Inference backend (default: auto).")] = None,
     nr_thr: Annotated[int, typer.Option("--nr_thr", "-nr", help="Inference threads (0 = all cores).")] = 0,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output folder.")] = False,
@@ -1227,8 +1245,11 @@ def store_register_cmd(
     from .store.registration import register_studies
 
     from .register.api import TIERS
+    from .register.deformable import METHODS
 
     _check_choice("--tier", tier, TIERS)
+    if method is not None:
+        _check_choice("--method", method, METHODS)
     check_writable(output, force, folder=True)
     with PassportStore(db, read_only=True) as store:
         fixed, moving = store.get(fixed_study), store.get(moving_study)

@@ -40,8 +40,11 @@ def _default_cache_dir() -> Path:
 
 
 def _default_shared_dir() -> Path:
-    # src/ctpassport/config.py -> repository root is parents[2]; ../shared lies beside the checkout.
-    return (Path(__file__).resolve().parents[2] / ".." / "shared").resolve()
+    """``../shared`` beside the source checkout (src/ctpassport/config.py -> its root is parents[2]); for an
+    installed (non-editable) package, which has no checkout, ``../shared`` from the working folder."""
+    root = Path(__file__).resolve().parents[2]
+    base = root if (root / "pyproject.toml").is_file() else Path.cwd()
+    return (base / ".." / "shared").resolve()
 
 
 class Config(BaseModel):

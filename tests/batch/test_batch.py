@@ -20,7 +20,7 @@ from ctpassport.batch.discover import discover_cases
 from ctpassport.batch.runner import BATCH_CSV, BATCH_JSON, output_lock, run_batch
 from ctpassport.batch.worker import BatchOptions
 from ctpassport.cli import app
-from ctpassport.errors import CTPassportError, InputError, OutputError, OutputExistsError
+from ctpassport.errors import ConfigError, CTPassportError, InputError, OutputError, OutputExistsError
 from ctpassport.io.atomic import OUTPUT_MARKER
 from ctpassport.io.load import load_ct
 from ctpassport.io.nifti import read_image
@@ -468,14 +468,18 @@ def test_a_label_map_given_as_a_ct_is_segmented_with_a_warning(tiny_model: Path,
 
 
 def test_bad_arguments(batch_in: Path, tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="either --workers"):
+    with pytest.raises(ConfigError, match="either --workers"):
         run_batch(batch_in, tmp_path / "o", workers=2, scheduler="tcp://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="--workers must be at least 1"):
+        run_batch(batch_in, tmp_path / "o", workers=0)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match="no CT found"):
         run_batch(empty, tmp_path / "o2")
     with pytest.raises(CTPassportError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:1"):
         run_batch(batch_in, tmp_path / "o3", scheduler="tcp://127.0.0.1:1", connect_timeout=1.0)
+    # nothing was written: no batch.json marked "interrupted" that would refuse a plain rerun
+    assert not (tmp_path / "o3" / BATCH_JSON).exists() and list((tmp_path / "o3").iterdir()) == []
 
 
 @pytest.mark.slow

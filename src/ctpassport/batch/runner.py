@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import CTPassportError, InputError, OutputError, OutputExistsError
+from ..errors import ConfigError, CTPassportError, InputError, OutputError, OutputExistsError
 from ..io.atomic import folder_lock, remove_leftovers, write_text_atomic
 from .discover import Case, discover_cases, input_signature
 from .worker import BatchOptions, read_case_record, run_case
@@ -213,18 +213,24 @@ def _run_pool(todo: list[Case], out: str, opts: BatchOptions, workers: int) -> I
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_dask(todo: list[Case], out: str, opts: BatchOptions, scheduler: str,
-              connect_timeout: float = 30.0) -> Iterator[dict[str, Any]]:
-    """The same :func:`run_case` on a Dask distributed cluster (input, output and model paths must be
-    visible to every worker; each worker process loads the model once)."""
+def _dask_client(scheduler: str, connect_timeout: float = 30.0) -> Any:
+    """A Dask distributed client of ``scheduler`` (:class:`CTPassportError` when it cannot be reached)."""
     try:
-        from distributed import Client, as_completed
+        from distributed import Client
     except ImportError:
         raise CTPassportError("--scheduler needs dask.distributed", hint="pip install 'ctpassport[batch]'") from None
     try:
-        client = Client(scheduler, timeout=f"{connect_timeout}s", set_as_default=False)
+        return Client(scheduler, timeout=f"{connect_timeout}s", set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         raise CTPassportError(f"cannot reach the Dask scheduler at {scheduler} ({exc})") from None
+
+
+def _run_dask(todo: list[Case], out: str, opts: BatchOptions, client: Any) -> Iterator[dict[str, Any]]:
+    """The same :func:`run_case` on a Dask distributed cluster (``client``: :func:`_dask_client`; input, output
+    and model paths must be visible to every worker; each worker process loads the model once). Closes the
+    client when done."""
+    from distributed import as_completed
+
     tag = uuid.uuid4().hex[:8]
     futures: dict[Any, Case] = {}
     try:
@@ -279,12 +285,12 @@ def run_batch(in_dir: str | Path, out_dir: str | Path, opts: BatchOptions | None
     src = Path(in_dir).resolve()
     out = Path(out_dir).resolve()
     if workers < 1:
-        raise InputError(f"--workers must be at least 1, not {workers}")
+        raise ConfigError(f"--workers must be at least 1, not {workers}")
     from ..config import Config
 
     Config.from_env()  # a malformed CTPASSPORT_* setting stops the batch here, not in every case
     if scheduler is not None and workers != 1:
-        raise InputError("use either --workers (local pool) or --scheduler (Dask), not both")
+        raise ConfigError("use either --workers (local pool) or --scheduler (Dask), not both")
     cases = discover_cases(src, exclude=out)
     if not cases:
         raise InputError("no CT found (NIfTI .nii/.nii.gz files, DICOM folders or zips of them)", src)
@@ -315,6 +321,20 @@ def _run_locked(cases: list[Case], src: Path, out: Path, opts: BatchOptions, *, 
                 on_record: Callable[[dict[str, Any]], None] | None, on_plan: Callable[[int, int], None] | None,
                 connect_timeout: float) -> BatchSummary:
     """:func:`run_batch` once its inputs are checked and the output folder ``out`` is locked."""
+    # the scheduler is reached before anything in OUT_DIR changes: an unreachable one leaves it as it was
+    client = _dask_client(scheduler, connect_timeout) if scheduler is not None else None
+    try:
+        return _run_with(client, cases, src, out, opts, workers=workers, scheduler=scheduler, resume=resume,
+                         force=force, model_id=model_id, on_record=on_record, on_plan=on_plan)
+    finally:
+        if client is not None:
+            client.close()  # (again, when _run_dask closed it: harmless)
+
+
+def _run_with(client: Any, cases: list[Case], src: Path, out: Path, opts: BatchOptions, *, workers: int,
+              scheduler: str | None, resume: bool, force: bool, model_id: str | None,
+              on_record: Callable[[dict[str, Any]], None] | None,
+              on_plan: Callable[[int, int], None] | None) -> BatchSummary:
     clean_partial(out)
     if force and not resume:  # the output is redone as a whole: no case folder of an input that is gone stays
         planned = {c.case_id for c in cases}
@@ -343,7 +363,7 @@ def _run_locked(cases: list[Case], src: Path, out: Path, opts: BatchOptions, *, 
         on_plan(len(cases), len(cases) - len(todo))
     summary.write()
     if scheduler is not None:
-        stream: Iterable[dict[str, Any]] = _run_dask(todo, str(out), opts, scheduler, connect_timeout)
+        stream: Iterable[dict[str, Any]] = _run_dask(todo, str(out), opts, client)
     elif workers > 1:
         stream = _run_pool(todo, str(out), opts, workers)
     else:
