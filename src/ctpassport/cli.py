@@ -1077,7 +1077,7 @@ store_app = typer.Typer(help="Passport store: passports and study metadata in SQ
                         no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
-_DB_HELP = "Store: an SQLite file or postgresql://user@host:port/db (default: $CTPASSPORT_DB or ~/.local/share/ctpassport/passports.sqlite)."
+_DB_HELP = "Store: an SQLite file or postgresql://user@host:port/db (default: $CTPASSPORT_DB, else $XDG_DATA_HOME/ctpassport/passports.sqlite, ~/.local/share/... without it)."
 
 
 @app.command("batch")
