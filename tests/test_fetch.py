@@ -445,3 +445,17 @@ def test_a_url_that_cannot_work_is_not_retried(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(fetch.time, "sleep", no_sleep)
     with pytest.raises(FetchError, match="download failed"):
         download((tmp_path / "missing.tar").as_uri(), tmp_path / "x.part")
+
+
+def test_first_download_records_made_at_once_are_all_kept(tmp_path: Path) -> None:
+    """Several fetches recording their first-download SHA-256 at the same moment each keep theirs (the record
+    file is read, updated and written under a lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ctpassport.fetch as fetch
+
+    urls = [f"http://mirror{i}.example/a.zip" for i in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda u: fetch._record_checksum(u, hashlib.sha256(u.encode()).hexdigest()), urls))
+    doc = json.loads(fetch.checksum_record_path().read_text())
+    assert doc == {u: hashlib.sha256(u.encode()).hexdigest() for u in urls}

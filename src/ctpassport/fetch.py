@@ -266,11 +266,17 @@ def _recorded(url: str) -> str | None:
 def _record_checksum(url: str, sha256: str) -> None:
     path = checksum_record_path()
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        doc = {}
-    doc[url] = sha256
-    write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the cache folder ({exc.strerror or exc})", path.parent) from None
+    # fetches running at once each add their own record: read, add and write under one lock
+    with folder_lock(path.parent, "is locked", "", wait=True):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = {}
+        doc[url] = sha256
+        write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -113,3 +113,51 @@ def test_cli_register_refuses_to_replace_a_foreign_folder(tmp_path: Path) -> Non
     assert runner.invoke(app, [*args[:-2], str(out), "-q", "--force"]).exit_code == 0  # its own folder: replaced
     res = runner.invoke(app, [*args[:-2], str(fixed), "-q", "--force"])  # a file where a folder goes
     assert res.exit_code == 4 and "is a file" in res.stderr and fixed.read_text() == pts
+
+
+def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    """Outputs are never replaced without --force: one that did not exist when this write began but does when it
+    ends (another process wrote it meanwhile, after this one's check) is refused, file or folder, not replaced."""
+    f = tmp_path / "p.json"
+    with pytest.raises(OutputExistsError), atomic_path(f) as tmp:
+        tmp.write_text("mine")
+        f.write_text("theirs")
+    assert f.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+    d = tmp_path / "reg"
+    with pytest.raises(OutputExistsError), atomic_path(d, is_dir=True) as tmp:
+        (tmp / "a.txt").write_text("mine")
+        d.mkdir()
+        (d / "b.txt").write_text("theirs")
+    assert sorted(p.name for p in d.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "reg"]
+    # an output that existed when the write began (checked with --force) is replaced as before
+    with atomic_path(f) as tmp:
+        tmp.write_text("mine")
+    assert f.read_text() == "mine"
+
+
+def test_two_writers_of_one_folder_at_once_leave_it_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other process's commit lands between this one's two renames: a one-line error, the folders whole."""
+    import ctpassport.io.atomic as atomic
+
+    d = tmp_path / "out"
+    with atomic_path(d, is_dir=True) as tmp:
+        (tmp / "first.txt").write_text("1")
+    real_replace = os.replace
+    calls = []
+
+    def racing_replace(src: str | Path, dst: str | Path) -> None:
+        calls.append(Path(dst).name)
+        if len(calls) == 2:  # just before ours: the other writer commits the same folder
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "other.txt").write_text("2")
+            real_replace(other, dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", racing_replace)
+    with pytest.raises(OutputError, match="replaced by another process"), atomic_path(d, is_dir=True) as tmp:
+        (tmp / "mine.txt").write_text("3")
+    monkeypatch.undo()
+    assert sorted(p.name for p in d.iterdir()) == ["other.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old-* or .tmp-* left

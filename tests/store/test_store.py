@@ -241,10 +241,34 @@ def test_read_only_opening_reads_and_never_writes(db_url: str, make_passport, tm
         empty = tmp_path / "empty.sqlite"
         import sqlite3
 
-        sqlite3.connect(empty).close()
-        with pytest.raises(StoreError, match="not a passport store"):
+        sqlite3.connect(empty).close()  # (as a store's file is while its first `store add` runs)
+        with pytest.raises(InputError, match="is an empty passport store"):
             PassportStore(empty, read_only=True)
+        other = sqlite3.connect(tmp_path / "other.sqlite")
+        other.execute("CREATE TABLE t (x)")
+        other.close()
+        with pytest.raises(StoreError, match="not a passport store"):
+            PassportStore(tmp_path / "other.sqlite", read_only=True)
         assert Path(path).is_file()
+
+
+def test_a_store_read_from_a_read_only_folder_with_pending_changes_is_refused(
+    tmp_path: Path, make_passport, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+) -> None:
+    """Read from a folder this process cannot write, a store is opened immutable (its write-ahead log ignored):
+    one whose -wal file holds changes would read stale or damaged, so it is refused in one line."""
+    import ctpassport.store.db as db
+
+    store_path = tmp_path / "s.sqlite"
+    with PassportStore(store_path) as store:
+        store.add(make_passport(), meta(1, study_key="a"))
+    real_access = db.os.access
+    monkeypatch.setattr(db.os, "access", lambda p, mode: False if mode == db.os.W_OK else real_access(p, mode))
+    with PassportStore(store_path, read_only=True) as ro:  # no pending changes: read as it is
+        assert [r.study_key for r in ro.list()] == ["a"]
+    (tmp_path / "s.sqlite-wal").write_bytes(b"\0" * 4096)  # changes a writer elsewhere has not checkpointed
+    with pytest.raises(StoreError, match="write-ahead log"):
+        PassportStore(store_path, read_only=True)
 
 
 def test_cli_add_needs_a_source(tmp_path: Path, make_passport) -> None:  # type: ignore[no-untyped-def]

@@ -22,10 +22,11 @@ OUTPUT_MARKER = ".ctpassport-output"
 
 
 @contextmanager
-def folder_lock(folder: Path, busy: str, hint: str) -> Iterator[None]:
+def folder_lock(folder: Path, busy: str, hint: str, *, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (``flock`` on the folder itself, no lock file; released when the
-    block ends or the process dies). Another holder: :class:`OutputError` ``busy`` (with ``hint``). A file
-    system without locks (some network shares) or a platform without ``fcntl`` runs unlocked."""
+    block ends or the process dies). Another holder: :class:`OutputError` ``busy`` (with ``hint``), or with
+    ``wait`` wait for it (for short read-modify-write updates). A file system without locks (some network
+    shares) or a platform without ``fcntl`` runs unlocked."""
     try:
         import fcntl
     except ImportError:
@@ -35,7 +36,7 @@ def folder_lock(folder: Path, busy: str, hint: str) -> Iterator[None]:
     try:
         taken = False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             taken = exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
         if taken:
@@ -148,19 +149,16 @@ def atomic_path(path: str | Path, *, is_dir: bool = False, foreign_ok: bool = Fa
     if is_dir and target.is_dir() and not foreign_ok:
         _check_replaceable(target)
     _make_parent(target)
+    existed = target.exists() or target.is_symlink()
     tmp = _tmp_sibling(target, is_dir)
     try:
         if is_dir and not foreign_ok:
             mark_output_folder(tmp)
         yield tmp
-        if is_dir:
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-            else:
-                os.replace(tmp, target)
+        if not existed:
+            _commit_new(tmp, target, is_dir)
+        elif is_dir and target.exists():
+            _commit_over_folder(tmp, target)
         else:
             os.replace(tmp, target)
     except BaseException:
@@ -169,6 +167,44 @@ def atomic_path(path: str | Path, *, is_dir: bool = False, foreign_ok: bool = Fa
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _commit_new(tmp: Path, target: Path, is_dir: bool) -> None:
+    """Move ``tmp`` to ``target``, which did not exist when the write began: never onto what another process
+    wrote there since (it was not there to be checked, ``--force`` or not): :class:`OutputExistsError`."""
+    try:
+        if is_dir:
+            if target.exists() or target.is_symlink():
+                raise FileExistsError(errno.EEXIST, "exists", str(target))
+            os.rename(tmp, target)  # (onto a non-empty folder made meanwhile: ENOTEMPTY; an empty one: nothing lost)
+        else:
+            os.link(tmp, target)  # fails when target exists: an atomic "create, never replace"
+            tmp.unlink()
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise OutputExistsError(target) from None
+        if is_dir or exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if target.exists() or target.is_symlink():  # a file system without hard links: check, then replace
+            raise OutputExistsError(target) from None
+        os.replace(tmp, target)
+
+
+def _commit_over_folder(tmp: Path, target: Path) -> None:
+    """Replace the folder ``target`` by ``tmp`` (two renames: folders cannot be swapped in one). Another
+    process committing the same folder at the same moment: :class:`OutputError`, the folders left whole."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    try:
+        os.replace(target, old)
+        os.replace(tmp, target)
+    except OSError:
+        if old.exists() and not target.exists():
+            os.replace(old, target)  # put the previous folder back
+        raise OutputError("was replaced by another process while this one wrote it", target,
+                          "write one output folder from one process at a time") from None
+    finally:
+        if old.exists() and old != target:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import ModelError, OutputError
+from ..errors import ModelError, OutputError, OutputExistsError
 from ..io.atomic import atomic_path, write_text_atomic
 from .folder import ModelFolder
 from .network import load_network, require_torch
@@ -151,5 +151,9 @@ def find_or_export_onnx(model: ModelFolder, cache_dir: Path) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot create the ONNX cache folder ({exc.strerror or exc})", target.parent,
                           "set CTPASSPORT_CACHE_DIR to a writable folder") from None
-    export_onnx(model, target)
+    try:
+        export_onnx(model, target)
+    except OutputExistsError:  # another process exported the same model meanwhile: use its file
+        if onnx_metadata(target).get("checkpoint_sha256") != sha:
+            raise
     return target

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ModelError, OutputError
+from ..errors import ModelError, OutputError, OutputExistsError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.folder import ModelFolder
@@ -98,8 +98,12 @@ def quantize_int8(model: ModelFolder, onnx_path: Path, out_xml: Path, images: li
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout is the command's output
         quantized = nncf.quantize(ov_model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True,
                                   preset=nncf.QuantizationPreset.MIXED)
-    with atomic_path(out_xml.parent, is_dir=True, foreign_ok=True) as tmp:  # the .xml and its .bin appear together
-        ov.save_model(quantized, str(tmp / out_xml.name), compress_to_fp16=False)
+    try:
+        with atomic_path(out_xml.parent, is_dir=True, foreign_ok=True) as tmp:  # the .xml and .bin appear together
+            ov.save_model(quantized, str(tmp / out_xml.name), compress_to_fp16=False)
+    except OutputExistsError:  # another process quantised the same model meanwhile: its IR is as good
+        if not (out_xml.is_file() and out_xml.with_suffix(".bin").is_file()):
+            raise
     return out_xml
 
 

@@ -220,9 +220,12 @@ class PassportStore:
         from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
         self.url = resolve_db_url(db, must_exist=read_only)
+        self._immutable = False
         try:
             if self.url.startswith("sqlite"):
-                self.engine = create_engine(_sqlite_read_only_url(self.url) if read_only else self.url,
+                ro_url = _sqlite_read_only_url(self.url)
+                self._immutable = read_only and "immutable=1" in ro_url
+                self.engine = create_engine(ro_url if read_only else self.url,
                                             connect_args={"timeout": busy_timeout_s})
 
                 @event.listens_for(self.engine, "connect")
@@ -273,14 +276,33 @@ class PassportStore:
         from sqlalchemy import inspect, select
 
         md, _studies, meta = _models()
+        self._check_immutable_read()
         with self._begin() as conn:
             names = set(inspect(conn).get_table_names())
+            if not names and conn.dialect.name == "sqlite":  # (the file of a store whose first add is running)
+                raise InputError("is an empty passport store (no study stored yet)", self.url[len("sqlite:///"):],
+                                 "add passports with `ctpassport store add` first")
             if not {tb.name for tb in md.sorted_tables} <= names:
                 raise StoreError(f"database {redact_url(self.url)} is not a passport store (no ctpassport tables)")
             row = conn.execute(select(meta.c.value).where(meta.c.key == "schema_version")).first()
         if row is not None and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"the store has schema version {row[0]}; this ctpassport knows {SCHEMA_VERSION}",
                              hint="upgrade ctpassport")
+
+    def _check_immutable_read(self) -> None:
+        """A store read from a folder this process cannot write is opened immutable (no locks, its write-ahead
+        log ignored): right for a store nobody is writing. One whose ``-wal`` file holds changes (a writer
+        elsewhere is using it, or stopped before they were checkpointed) would read stale or as damaged: refused."""
+        if not self.url.startswith("sqlite"):
+            return
+        if not self._immutable:
+            return
+        path = Path(self.url[len("sqlite:///"):])
+        wal = path.with_name(path.name + "-wal")
+        if wal.is_file() and wal.stat().st_size > 0:
+            raise StoreError(f"{path}: has changes in its write-ahead log ({wal.name}) that a read-only folder "
+                             "cannot take in: a writer elsewhere is using it or stopped before checkpointing",
+                             hint="read it where its folder is writable, or after the writer's next `store add`")
 
     def create_schema(self) -> None:
         """Create the tables when missing (safe under concurrency) and record the schema version."""
