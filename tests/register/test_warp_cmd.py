@@ -201,3 +201,44 @@ def test_warp_says_when_the_default_grid_is_the_model_grid(case: Path, tmp_path:
             assert r.exit_code == 0, r.output
             warned = "3 mm model grid" in r.stderr
             assert warned == (kind == "model" and not extra), r.stderr
+
+
+def test_itk_resampling_equals_the_reference_implementation(rng: np.random.Generator) -> None:
+    """`warp` resamples with SimpleITK (about 10x faster): the same sampling rules as :func:`resample` (labels
+    identical, images to float32 rounding; identical here) on oblique and flipped grids through a rigid motion and a field
+    that ends inside the reference grid (zero beyond, as ITK's displacement field transform has it)."""
+    from scipy.ndimage import gaussian_filter
+
+    from ctpassport.register.transform import DisplacementField
+    from ctpassport.register.warp import resample, resample_itk
+
+    def rot(ax: int, deg: float) -> np.ndarray:
+        t = np.radians(deg)
+        r = np.eye(3)
+        i, j = [a for a in range(3) if a != ax]
+        r[i, i], r[i, j], r[j, i], r[j, j] = np.cos(t), -np.sin(t), np.sin(t), np.cos(t)
+        return r
+
+    m_aff = np.eye(4)
+    m_aff[:3, :3] = rot(2, 12) @ rot(0, -7) @ np.diag([1.5, -1.2, 2.5])
+    m_aff[:3, 3] = [-40.0, 35.0, -30.0]
+    labels = np.zeros((48, 56, 30), np.uint8)
+    labels[10:30, 12:40, 5:22] = 3
+    labels[25:40, 30:50, 10:28] = 7
+    ct = gaussian_filter(rng.normal(0, 300, labels.shape), 2).astype(np.float32) + 40.0 * labels
+    ref = GridSpec((40, 44, 26), np.diag([-1.7, -1.6, 2.2, 1.0]) @ np.array(
+        [[1, 0, 0, 35], [0, 1, 0, -30], [0, 0, 1, -28], [0, 0, 0, 1]], dtype=np.float64))
+    fgrid = GridSpec((12, 12, 9), np.diag([-6.0, -6.0, 6.0, 1.0]) @ np.array(
+        [[1, 0, 0, 2], [0, 1, 0, -2], [0, 0, 1, -3], [0, 0, 0, 1]], dtype=np.float64))
+    u = gaussian_filter(rng.normal(0, 8, (*fgrid.shape, 3)), (1.5, 1.5, 1.5, 0))
+    tx = Transform(RigidTransform(rot(1, 5), np.array([3.0, -4.0, 2.0])), DisplacementField(fgrid, u))
+    for data, is_labels in ((labels, True), (ct, False)):
+        want = resample(data, m_aff, tx, ref, labels=is_labels)
+        got = resample_itk(data, m_aff, tx, ref, labels=is_labels)
+        assert got is not None and got.dtype == want.dtype and got.shape == want.shape
+        if is_labels:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, atol=1e-3)
+    sheared = GridSpec(ref.shape, ref.affine @ np.array([[1, 0, 0.2, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    assert resample_itk(labels, m_aff, tx, sheared, labels=True) is None  # ITK cannot: the reference path does
