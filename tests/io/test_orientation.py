@@ -66,3 +66,13 @@ def test_onto_grid_reorders_the_same_voxels_and_refuses_other_grids(codes: str) 
     shifted[:3, 3] += [0.0, 0.0, 1.0]  # one voxel off along z: another grid
     assert onto_grid(stored, shifted, data.shape, ras) is None
     assert onto_grid(stored[:-1], other.affine, data.shape, ras) is None  # fewer voxels
+
+
+def test_onto_grid_copies_only_when_the_storage_differs(rng: np.random.Generator) -> None:
+    data = np.asfortranarray(rng.integers(-1000, 1000, (6, 7, 5)).astype(np.int16))
+    aff = np.diag([-2.0, -2.0, 3.0, 1.0])
+    assert onto_grid(data, aff, data.shape, aff) is data  # the same grid: the array itself, no copy
+    flipped_aff = aff @ np.array([[-1, 0, 0, 5], [0, -1, 0, 6], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float64)
+    out = onto_grid(data, aff, data.shape, flipped_aff)  # the same voxels stored RAS instead of LPS
+    assert out is not None and (out.flags.f_contiguous or out.flags.c_contiguous)
+    np.testing.assert_array_equal(out, data[::-1, ::-1, :])

@@ -88,4 +88,8 @@ def onto_grid(data: np.ndarray, affine: Affine, shape: tuple[int, ...], target_a
         return None
     if not np.allclose(a.canonical_affine, b.canonical_affine, rtol=0, atol=atol_mm):
         return None
-    return np.ascontiguousarray(b.from_canonical(a.to_canonical(data)))
+    if tuple(data.shape) == tuple(shape) and np.allclose(affine, target_affine, rtol=0, atol=atol_mm):
+        return data  # already on that grid: no copy (a clinical CT is hundreds of MB)
+    out = b.from_canonical(a.to_canonical(data))
+    # NIfTI arrays are Fortran-ordered: keep that layout (a CT and label map in mixed layouts slow every pass)
+    return np.asfortranarray(out) if not out.flags.c_contiguous else out
