@@ -210,7 +210,7 @@ def test_itk_resampling_equals_the_reference_implementation(rng: np.random.Gener
     from scipy.ndimage import gaussian_filter
 
     from ctpassport.register.transform import DisplacementField
-    from ctpassport.register.warp import resample, resample_itk
+    from ctpassport.register.warp import _resample_itk, resample
 
     def rot(ax: int, deg: float) -> np.ndarray:
         t = np.radians(deg)
@@ -234,11 +234,15 @@ def test_itk_resampling_equals_the_reference_implementation(rng: np.random.Gener
     tx = Transform(RigidTransform(rot(1, 5), np.array([3.0, -4.0, 2.0])), DisplacementField(fgrid, u))
     for data, is_labels in ((labels, True), (ct, False)):
         want = resample(data, m_aff, tx, ref, labels=is_labels)
-        got = resample_itk(data, m_aff, tx, ref, labels=is_labels)
-        assert got is not None and got.dtype == want.dtype and got.shape == want.shape
+        got = resample(data, m_aff, tx, ref, labels=is_labels, itk=True)
+        src = data if is_labels else data.astype(np.float32)  # (what resample hands it)
+        assert _resample_itk(src, GridSpec(data.shape, m_aff), tx, ref, is_labels, 0.0) is not None  # ITK ran
+        assert got.dtype == want.dtype and got.shape == want.shape
         if is_labels:
             np.testing.assert_array_equal(got, want)
         else:
             np.testing.assert_allclose(got, want, atol=1e-3)
     sheared = GridSpec(ref.shape, ref.affine @ np.array([[1, 0, 0.2, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
-    assert resample_itk(labels, m_aff, tx, sheared, labels=True) is None  # ITK cannot: the reference path does
+    assert _resample_itk(labels, GridSpec(labels.shape, m_aff), tx, sheared, True, 0.0) is None  # ITK cannot
+    np.testing.assert_array_equal(resample(labels, m_aff, tx, sheared, labels=True, itk=True),
+                                  resample(labels, m_aff, tx, sheared, labels=True))  # (the module's own runs)
