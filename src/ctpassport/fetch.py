@@ -36,7 +36,7 @@ from urllib.request import Request, urlopen
 
 from . import __version__
 from .errors import ConfigError, CTPassportError, InputError, OutputError, OutputExistsError
-from .io.atomic import OUTPUT_MARKER, atomic_path, folder_lock, remove_leftovers, write_text_atomic
+from .io.atomic import OUTPUT_MARKER, atomic_path, folder_lock, make_folder, remove_leftovers, write_text_atomic
 
 FETCH_JSON = "ctpassport-fetch.json"
 CHUNK = 1 << 20
@@ -265,10 +265,7 @@ def _recorded(url: str) -> str | None:
 
 def _record_checksum(url: str, sha256: str) -> None:
     path = checksum_record_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the cache folder ({exc.strerror or exc})", path.parent) from None
+    make_folder(path.parent, "the cache folder")
     # fetches running at once each add their own record: read, add and write under one lock
     with folder_lock(path.parent, "is locked", "", wait=True):
         try:
@@ -396,13 +393,6 @@ def partial_download(dest: Path, name: str, url: str) -> Path:
     return dest / ".downloads" / f"{DATASETS[name].archive}.{tag}.part"
 
 
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot be created ({exc.strerror})", folder, "choose another --dest") from None
-
-
 def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256: str | None = None,
                   md5: str | None = None, force: bool = False, keep_archive: bool = False, retries: int = 3,
                   timeout: float = 60.0, progress: Callable[[int, int | None], None] | None = None,
@@ -428,10 +418,9 @@ def fetch_dataset(name: str, dest: str | Path, *, url: str | None = None, sha256
         raise OutputExistsError(final)
     check_dataset_folder(final)
     created_dest = not dest.exists()
-    _make_folder(dest)
+    make_folder(dest, "the --dest folder", "choose another --dest")
     part = partial_download(dest, name, src_url)
-    downloads = part.parent
-    _make_folder(downloads)
+    downloads = make_folder(part.parent, "the download folder", "choose another --dest")
     with folder_lock(downloads, f"is being used by another ctpassport fetch-data into {dest}",
                      "wait for it to finish, or choose another --dest"):
         remove_leftovers(dest, name)  # a killed run's half-unpacked copy

@@ -81,6 +81,16 @@ def check_writable(path: str | Path, force: bool, *, folder: bool = False) -> Pa
     return p
 
 
+def make_folder(folder: Path, what: str, hint: str | None = None) -> Path:
+    """Create ``folder`` (and its parents) where a command keeps files of its own (a cache, a download area);
+    :class:`OutputError` "cannot create ``what`` (why)" naming it, with ``hint``, when it cannot be made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} ({exc.strerror or exc})", folder, hint) from None
+    return folder
+
+
 def _make_parent(p: Path) -> None:
     parent = p.parent
     try:

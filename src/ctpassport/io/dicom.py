@@ -170,11 +170,17 @@ def _read_header(fp: str | Path | IO[bytes], name: str | Path) -> Any | None:
     if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
         return None  # DICOMDIR and other non-instance files
     try:
-        for elem in ds.iterall():  # pydicom decodes values when first used: decode them now, here
-            _ = elem.value
+        _decode_values(ds)
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"damaged DICOM header ({_short(exc)})", name) from None
     return ds
+
+
+def _decode_values(ds: Any) -> None:
+    """Decode every value of ``ds`` now (pydicom decodes them when first used, where a damaged one would raise
+    anything, anywhere): what cannot be decoded raises here."""
+    for elem in ds.iterall():
+        _ = elem.value
 
 
 def _read_raw_header(fp: str | Path | IO[bytes]) -> Any | None:
@@ -186,8 +192,7 @@ def _read_raw_header(fp: str | Path | IO[bytes]) -> Any | None:
         ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
         if not all(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Rows")):
             return None
-        for elem in ds.iterall():
-            _ = elem.value
+        _decode_values(ds)
     except Exception:  # noqa: BLE001 - not a data set: some other file
         return None
     return ds

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import ModelError, OutputError, OutputExistsError
-from ..io.atomic import atomic_path, write_text_atomic
+from ..errors import ModelError, OutputExistsError
+from ..io.atomic import atomic_path, make_folder, write_text_atomic
 from .folder import ModelFolder
 from .network import load_network, require_torch
 
@@ -146,11 +146,7 @@ def find_or_export_onnx(model: ModelFolder, cache_dir: Path) -> Path:
             if meta.get("checkpoint_sha256") == sha and meta.get("network_sha256") == net:
                 return cand
     target = cached_onnx_path(model, cache_dir)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the ONNX cache folder ({exc.strerror or exc})", target.parent,
-                          "set CTPASSPORT_CACHE_DIR to a writable folder") from None
+    make_folder(target.parent, "the ONNX cache folder", "set CTPASSPORT_CACHE_DIR to a writable folder")
     try:
         export_onnx(model, target)
     except OutputExistsError:  # another process exported the same model meanwhile: use its file

@@ -118,13 +118,13 @@ def _organ_overlap(
     return out
 
 
-def _overlap_means(per: dict[str, Any]) -> dict[str, float | None]:
+def _overlap_means(per: dict[str, Any]) -> dict[str, Any]:
     """Mean Dice and HD95 of the organs; HD95 over the organs present on both sides, ``hd95_lost`` counting
     the others (lost by the warp or made where there is none: HD95 is infinite there, Dice 0)."""
     return {
         "dice": _mean([v["dice"] for v in per.values()]),
         "hd95_mm": _mean([v["hd95_mm"] for v in per.values()]),
-        "hd95_lost": float(sum(1 for v in per.values() if not np.isfinite(v["hd95_mm"]))),
+        "hd95_lost": sum(1 for v in per.values() if not np.isfinite(v["hd95_mm"])),
     }
 
 
@@ -475,7 +475,7 @@ def _summarise(records: list[dict[str, Any]], key: str) -> dict[str, Any]:
     out["tre_heldout_organs_mm"] = _mean([v["tre_heldout_organs"].get("mean") for v in ok])
     out["dice_heldout"] = _mean([v.get("heldout_overlap", {}).get("dice") for v in ok])
     out["hd95_heldout_mm"] = _mean([v.get("heldout_overlap", {}).get("hd95_mm") for v in ok])
-    out["hd95_lost_organs"] = int(sum(v.get("heldout_overlap", {}).get("hd95_lost") or 0 for v in ok))
+    out["hd95_lost_organs"] = sum(v.get("heldout_overlap", {}).get("hd95_lost") or 0 for v in ok)
     out["time_s"] = _mean([v["timings_s"].get("total") for v in ok])
     if any("jacobian" in v for v in ok):
         out["folding_percent"] = _mean([v["jacobian"]["folding_percent"] for v in ok if "jacobian" in v])

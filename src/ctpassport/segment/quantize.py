@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ModelError, OutputError, OutputExistsError
+from ..errors import ModelError, OutputExistsError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.folder import ModelFolder
@@ -124,6 +124,7 @@ def find_or_quantize_int8(model: ModelFolder, onnx_path: Path, cache_dir: Path |
                           images: list[Path] | None = None) -> Path:
     """The cached int8 IR of ``model``, quantised now (calibrated on ``images`` or the shared CTs) if absent."""
     from ..config import Config
+    from ..io.atomic import make_folder
 
     imgs = list(images) if images else default_calibration_images()
     if not imgs:
@@ -133,9 +134,6 @@ def find_or_quantize_int8(model: ModelFolder, onnx_path: Path, cache_dir: Path |
     path = int8_cache_path(model, imgs, cache)
     if path.is_file() and path.with_suffix(".bin").is_file():
         return path
-    try:  # before the minute of calibration, not after it
-        path.parent.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the OpenVINO cache folder ({exc.strerror or exc})", path.parent.parent,
-                          "set CTPASSPORT_CACHE_DIR to a writable folder") from None
+    # before the minute of calibration, not after it
+    make_folder(path.parent.parent, "the OpenVINO cache folder", "set CTPASSPORT_CACHE_DIR to a writable folder")
     return quantize_int8(model, Path(onnx_path), path, imgs)
